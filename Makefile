@@ -1,0 +1,43 @@
+# LlamaOps developer entry points. `make test` is what CI runs.
+SHELL := /bin/bash
+PY    ?= python3
+VENV  ?= .venv
+BIN    = $(VENV)/bin
+
+.PHONY: venv binaries crds test unit cluster-up cluster-down clean
+
+$(BIN)/llamaops: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/llamaops
+
+# Real Kubernetes binaries built from the Go module proxy into a cache keyed by version.
+binaries:
+	@hack/build-binaries.sh
+
+# Render crds/ (and the chart's crds/) from the API models.
+crds: venv
+	$(BIN)/python -m llamaops.api.crdgen
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+# Builds or reuses the binaries, starts the local control plane (unless
+# KUBECONFIG names a cluster) and runs every test.
+# pytest's exit 5 (nothing collected) is a broken suite, so it fails too.
+test: venv
+	@LLAMAOPS_BIN_DIR=$$(hack/build-binaries.sh) && export LLAMAOPS_BIN_DIR && \
+	  $(BIN)/pytest -q -rs $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+cluster-up: venv
+	@LLAMAOPS_BIN_DIR=$$(hack/build-binaries.sh) $(BIN)/llamaops dev-cluster up
+
+cluster-down: venv
+	$(BIN)/llamaops dev-cluster down
+
+clean:
+	rm -rf $(VENV) *.egg-info

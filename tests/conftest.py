@@ -1,0 +1,191 @@
+"""Shared fixtures.
+
+Cluster tests run against the cluster named by $KUBECONFIG when it is set
+(kind, a real cluster); otherwise against the local control plane
+(`llamaops.devcluster`), started once per session under a temporary
+LLAMAOPS_HOME on ports shifted by $LLAMAOPS_TEST_PORT_OFFSET (default 100, so
+a dev cluster on the default ports can keep running), and stopped at the end.
+Binaries come from $LLAMAOPS_BIN_DIR, else hack/build-binaries.sh.
+
+Every test under tests/cluster, and every test using the `cluster` fixture,
+carries the `cluster` marker: `pytest -m "not cluster"` runs without one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_TESTS = REPO / "tests" / "cluster"
+TEST_PORT_OFFSET_ENV = "LLAMAOPS_TEST_PORT_OFFSET"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    value = os.environ.get("KUBECONFIG")
+    if value:
+        return f"cluster tests: the cluster of KUBECONFIG={value}"
+    return "cluster tests: a local control plane (llamaops.devcluster) started for this session"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.path))
+        if CLUSTER_TESTS in path.parents or "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
+def foreign_kubeconfig() -> Path | None:
+    """The first file named by $KUBECONFIG, when it is set."""
+    value = os.environ.get("KUBECONFIG", "")
+    paths = [Path(p).expanduser() for p in value.split(os.pathsep) if p]
+    for p in paths:
+        if p.is_file():
+            return p
+    if paths:
+        raise pytest.UsageError(f"KUBECONFIG={value} names no existing file")
+    return None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The cluster under test."""
+
+    kubeconfig: Path
+    # True for the local control plane started by this session.
+    local: bool
+    # Local control plane only: its LLAMAOPS_HOME, binaries and configuration.
+    home: Path | None = None
+    bin_dir: Path | None = None
+    config: object | None = None  # llamaops.devcluster.ClusterConfig
+
+
+@pytest.fixture(scope="session")
+def bin_dir() -> Path:
+    """The control-plane binaries ($LLAMAOPS_BIN_DIR, else built by hack/build-binaries.sh)."""
+    from llamaops.devcluster import DevClusterError, binaries
+
+    try:
+        return binaries.resolve()
+    except DevClusterError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    kubeconfig = foreign_kubeconfig()
+    if kubeconfig is not None:
+        yield Cluster(kubeconfig=kubeconfig, local=False)
+        return
+
+    from llamaops.devcluster import ClusterConfig, DevCluster, DevClusterError, Ports
+
+    binaries = request.getfixturevalue("bin_dir")
+    home = tmp_path_factory.mktemp("llamaops-home")
+    config = ClusterConfig(ports=Ports().shifted(int(os.environ.get(TEST_PORT_OFFSET_ENV, "100"))))
+    dev = DevCluster(home, bin_dir=binaries)
+    try:
+        path = dev.up(config, timeout=180)
+    except DevClusterError as exc:
+        pytest.fail(f"the local control plane did not start: {exc}", pytrace=False)
+    try:
+        yield Cluster(kubeconfig=path, local=True, home=home, bin_dir=binaries, config=config)
+    finally:
+        dev.down()
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(cluster: Cluster) -> Path:
+    return cluster.kubeconfig
+
+
+class KubectlError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return f"{' '.join(map(str, self.cmd))} exited with {self.returncode}:\n{self.stderr or ''}{self.stdout or ''}"
+
+
+class Kubectl:
+    """`kubectl --kubeconfig <cluster> ...`, returning the CompletedProcess (text)."""
+
+    def __init__(self, binary: str, kubeconfig: Path, cache_dir: Path) -> None:
+        self.binary = binary
+        self.kubeconfig = kubeconfig
+        self.cache_dir = cache_dir
+
+    def __call__(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:  # noqa: A002
+        cmd = [self.binary, f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self.cache_dir}", *args]
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise KubectlError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        return proc
+
+
+@pytest.fixture(scope="session")
+def kubectl(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Kubectl:
+    """kubectl from $LLAMAOPS_BIN_DIR (or the local cluster's binaries), else from PATH."""
+    candidates = []
+    if os.environ.get("LLAMAOPS_BIN_DIR"):
+        candidates.append(Path(os.environ["LLAMAOPS_BIN_DIR"]) / "kubectl")
+    if cluster.bin_dir is not None:
+        candidates.append(cluster.bin_dir / "kubectl")
+    binary = next((str(c) for c in candidates if os.access(c, os.X_OK)), None) or shutil.which("kubectl")
+    if binary is None:
+        pytest.skip("no kubectl: set LLAMAOPS_BIN_DIR or put kubectl on PATH")
+    return Kubectl(binary, cluster.kubeconfig, tmp_path_factory.mktemp("kube-cache"))
+
+
+@pytest.fixture(scope="session")
+def k8s(cluster: Cluster) -> Iterator[object]:
+    """A `kubernetes.client.ApiClient` for the cluster under test."""
+    from kubernetes import config as kube_config
+
+    api = kube_config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def _namespace_name(test_name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")
+    return f"t-{slug[:48].rstrip('-')}-{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def namespace(k8s: object, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, deleted (without waiting) afterwards.
+
+    Waits for its default ServiceAccount, so pods can be created right away.
+    """
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core = client.CoreV1Api(k8s)
+    name = _namespace_name(request.node.name)
+    core.create_namespace(body={"metadata": {"name": name, "labels": {"llamaops.dev/test": "true"}}})
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            core.read_namespaced_service_account("default", name)
+            break
+        except ApiException as exc:
+            if exc.status != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    try:
+        yield name
+    finally:
+        try:
+            core.delete_namespace(name, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+from llamaops.devcluster import ClusterConfig, DevClusterError, NodePools, Ports
+from llamaops.devcluster.config import StateDir, default_home
+
+
+def test_default_ports_avoid_a_real_clusters_ports():
+    ports = Ports()
+    used = {p for ps in ports.by_component().values() for p in ps}
+    assert len(used) == 6
+    assert not used & {2379, 2380, 6443, 10250, 10255, 10257, 10259}
+    ports.validate()
+
+
+def test_shifted_moves_every_port():
+    base, moved = Ports(), Ports().shifted(100)
+    assert moved.apiserver == base.apiserver + 100
+    assert moved.etcd_peer == base.etcd_peer + 100
+    assert moved.kwok == base.kwok + 100
+
+
+def test_port_clash_is_rejected():
+    with pytest.raises(DevClusterError, match="16443"):
+        Ports(etcd=16443).validate()
+
+
+def test_node_pools_validation():
+    NodePools().validate()
+    with pytest.raises(DevClusterError):
+        NodePools(gpu_nodes=0, cpu_nodes=0).validate()
+    with pytest.raises(DevClusterError):
+        NodePools(gpus_per_node=0).validate()
+
+
+def test_config_round_trips_through_the_state_dir(tmp_path):
+    state = StateDir(tmp_path)
+    assert state.load_config() is None
+    config = ClusterConfig(ports=Ports().shifted(7), nodes=NodePools(gpu_nodes=4, gpu_product="NVIDIA-A100-SXM4-80GB"))
+    state.save_config(config)
+    assert state.load_config() == config
+    assert state.kubeconfig == tmp_path / "dev-cluster" / "kubeconfig"
+    assert state.log_file("etcd") == tmp_path / "dev-cluster" / "logs" / "etcd.log"
+
+
+def test_overrides_replace_only_given_fields():
+    config = ClusterConfig().with_overrides(ports={"apiserver": 20000, "etcd": None}, nodes={"cpu_nodes": 0, "gpu_nodes": None})
+    assert config.ports.apiserver == 20000
+    assert config.ports.etcd == Ports().etcd
+    assert config.nodes.cpu_nodes == 0
+    assert config.nodes.gpu_nodes == NodePools().gpu_nodes
+
+
+def test_home_comes_from_llamaops_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMAOPS_HOME", str(tmp_path))
+    assert default_home() == tmp_path
+    monkeypatch.delenv("LLAMAOPS_HOME")
+    assert default_home().name == ".llamaops"
