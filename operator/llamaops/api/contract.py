@@ -1,0 +1,59 @@
+"""The contract between the operator (which builds training pods) and the trainer (which runs in them).
+
+Paths, environment variables and exit codes live here once, so the Job
+builder and the trainer cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import PurePosixPath
+
+# Where the pod finds things.
+SPEC_PATH = "/etc/llamaops/spec.yaml"  # the LlamaFineTune manifest, from a ConfigMap
+PVC_ROOT = "/mnt/pvc"  # each PersistentVolumeClaim the run uses is mounted at PVC_ROOT/<claim>
+HF_HOME = "/var/cache/huggingface"
+
+# Environment the operator sets on training pods.
+ENV_SPEC = "LLAMAOPS_SPEC"
+ENV_NAME = "LLAMAOPS_NAME"  # the LlamaFineTune whose status rank 0 patches
+ENV_NAMESPACE = "LLAMAOPS_NAMESPACE"
+ENV_PVC_ROOT = "LLAMAOPS_PVC_ROOT"  # overrides PVC_ROOT (local runs, the dev node)
+ENV_OUTPUT_DIR = "LLAMAOPS_OUTPUT_DIR"  # overrides the output directory (local runs)
+
+# Trainer exit codes, read by the Job's podFailurePolicy.
+EXIT_OK = 0
+EXIT_BAD_CONFIG = 64  # the spec cannot work (EX_USAGE): fail the run, do not retry
+EXIT_BAD_DATA = 65  # the dataset is malformed (EX_DATAERR): fail the run, do not retry
+EXIT_RETRYABLE = 75  # infrastructure trouble (EX_TEMPFAIL): restart the gang, resume from checkpoints
+NON_RETRYABLE_EXIT_CODES = (EXIT_BAD_CONFIG, EXIT_BAD_DATA)
+
+# Layout of a run's output directory.
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+COMPLETE_MARKER = "COMPLETE"  # written inside ADAPTER_DIR once it is whole
+METRICS_FILE = "metrics.jsonl"
+RUN_INFO_FILE = "llamaops.json"
+
+
+def pvc_root() -> str:
+    return os.environ.get(ENV_PVC_ROOT, PVC_ROOT)
+
+
+def pvc_path(claim: str, path: str | None = None, root: str | None = None) -> str:
+    """Where a path on a claim is mounted inside the pod."""
+    base = PurePosixPath(root or pvc_root()) / claim
+    return str(base / path) if path else str(base)
+
+
+def parse_pvc_uri(uri: str) -> tuple[str, str]:
+    """pvc://<claim>/<path> -> (claim, path)."""
+    if not uri.startswith("pvc://"):
+        raise ValueError(f"not a pvc:// URI: {uri}")
+    claim, _, path = uri[len("pvc://"):].partition("/")
+    return claim, path
+
+
+def output_subpath(namespace: str, name: str, path: str | None) -> str:
+    """The run's directory inside its output claim: spec.output.pvc.path or <namespace>/<name>."""
+    return path or f"{namespace}/{name}"

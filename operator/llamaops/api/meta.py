@@ -1,0 +1,140 @@
+"""Shared building blocks of the API models.
+
+Two families of models, one per naming convention:
+
+* `SeedModel`: sections copied from the user's recipes (`model`, `lora`,
+  `quantization`, `training`, `vllm`). Their keys stay snake_case, verbatim,
+  so a recipe pastes in unchanged and maps 1:1 onto `LoraConfig`,
+  `BitsAndBytesConfig`, `TrainingArguments` and `vllm serve` flags.
+* `KubeModel`: Kubernetes-facing sections, camelCase as the API conventions ask.
+
+Both forbid unknown keys: a typo must be an error, never a silently ignored knob.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "llamaops.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Kubernetes resource.Quantity, as the apimachinery regexp spells it.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A model or adapter location: a Hugging Face repo id, an absolute path in the
+# image, or pvc://<claim>/<path> on a PersistentVolumeClaim of the namespace.
+PVC_URI_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/].*)?$"
+
+Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
+# Strict everywhere else (the API server takes no "2048" for an integer), but
+# timestamps arrive as RFC 3339 strings.
+Timestamp = Annotated[datetime, Field(strict=False)]
+
+
+def cel(rule: str, message: str, *, field_path: str | None = None, reason: str | None = None,
+        optional_old_self: bool | None = None) -> dict[str, Any]:
+    """One `x-kubernetes-validations` entry (a CEL rule the API server enforces)."""
+    entry: dict[str, Any] = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    if reason:
+        entry["reason"] = reason
+    if optional_old_self is not None:
+        entry["optionalOldSelf"] = optional_old_self
+    return entry
+
+
+def section(cls: type[BaseModel]) -> Any:
+    """A sub-object that is always present, with every field at its default.
+
+    The CRD's default is the whole default object: the API server then stores
+    the same values the models assume, and CEL rules (which the server also
+    checks against declared defaults) see every key.
+    """
+    default = cls().model_dump(by_alias=True, exclude_none=True, mode="json")
+    return Field(default_factory=cls, json_schema_extra={"default": default})
+
+
+def validations(*rules: dict[str, Any]) -> dict[str, Any]:
+    """`json_schema_extra` carrying CEL rules onto a model's or field's schema."""
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class SeedModel(BaseModel):
+    """A section with the seed recipes' snake_case keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class KubeModel(BaseModel):
+    """A Kubernetes-facing section: camelCase on the wire, snake_case in Python."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        validate_assignment=True,
+    )
+
+
+class SecretKeyRef(KubeModel):
+    """A key of a Secret in the object's own namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="Name of the Secret.")
+    key: str = Field(min_length=1, max_length=253, description="Key inside the Secret.")
+
+
+class SecretRef(KubeModel):
+    """A Secret in the object's own namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="Name of the Secret.")
+
+
+class LocalObjectReference(KubeModel):
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+
+
+class Toleration(KubeModel):
+    """The core/v1 Toleration, so GPU node taints can be tolerated."""
+
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Condition(KubeModel):
+    """A Kubernetes-style status condition (metav1.Condition)."""
+
+    type: str = Field(max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field("", max_length=1024)
+    message: str = Field("", max_length=32768)
+    last_transition_time: Timestamp | None = None
+    observed_generation: int | None = Field(None, ge=0)
+
+
+class ObjectMeta(KubeModel):
+    """The part of metadata the models read; the rest is kept as-is."""
+
+    model_config = ConfigDict(extra="allow", alias_generator=to_camel, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
+
+    name: str | None = None
+    namespace: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None

@@ -1,0 +1,142 @@
+"""The LlamaServe resource: a vLLM Deployment serving a base model and LoRA adapters."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal, get_args
+
+from pydantic import Field, field_validator
+
+from llamaops.api.meta import (
+    API_VERSION,
+    DNS_LABEL_PATTERN,
+    DNS_SUBDOMAIN_PATTERN,
+    Condition,
+    KubeModel,
+    ObjectMeta,
+    SecretKeyRef,
+    SecretRef,
+    SeedModel,
+    cel,
+    section,
+    validations,
+)
+from llamaops.api.finetune import SchedulingSpec
+
+# vLLM accepts only these values for --max-lora-rank.
+LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+VLLM_LORA_RANKS: tuple[int, ...] = get_args(LoraRank)
+
+
+class ServeModelSpec(SeedModel):
+    """The base model to serve (the seed's `model:` section)."""
+
+    base_model: str = Field(
+        min_length=1, max_length=512,
+        description="Hugging Face repo id, an absolute path in the image, or pvc://<claim>/<path>. Adapters must "
+                    "have been trained on exactly this base model.")
+    trust_remote_code: bool = False
+    revision: str | None = Field(None, max_length=256)
+
+
+class VllmSpec(SeedModel):
+    """`vllm serve` flags, keyed as the seed's command spells them (dashes become underscores)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per replica; must divide the attention heads.")
+    max_model_len: int | None = Field(None, ge=128, le=1048576, description="Context length; unset is the model's.")
+    port: int = Field(8000, ge=1024, le=65535, description="Port of the OpenAI-compatible server.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    max_num_seqs: int | None = Field(None, ge=1, le=65536, description="Concurrent sequences per replica.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: Literal["awq", "gptq", "fp8", "bitsandbytes", "compressed-tensors"] | None = None
+    served_model_name: str | None = Field(None, max_length=256, description="Name clients use for the base model.")
+    max_loras: int | None = Field(None, ge=1, le=256, description="Adapters in one batch; unset is the adapter count.")
+    max_lora_rank: LoraRank | None = Field(None, description="Largest adapter rank; unset is derived from the adapters.")
+    max_cpu_loras: int | None = Field(None, ge=1, le=1024)
+    enable_prefix_caching: bool | None = None
+    chat_template: str | None = Field(None, max_length=65536,
+                                      description="Jinja chat template; overrides the one built from systemPrompt.")
+    extra_args: list[str] | None = Field(None, max_length=64, description="Further `vllm serve` arguments.")
+
+
+class ServeAdapter(KubeModel):
+    """One LoRA adapter to serve: from a LlamaFineTune of this namespace, or by location."""
+
+    model_config = KubeModel.model_config | {
+        "json_schema_extra": validations(
+            cel("has(self.fineTuneRef) != has(self.uri)", "set exactly one of fineTuneRef or uri",
+                reason="FieldValueRequired"),
+        )
+    }
+
+    name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=63,
+                      description="Model name clients send in requests (the vLLM LoRA module name).")
+    fine_tune_ref: str | None = Field(None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253,
+                                      description="Name of a LlamaFineTune in this namespace; its adapter is used "
+                                                  "once it Succeeded.")
+    uri: str | None = Field(None, pattern=r"^(pvc://[a-z0-9][-a-z0-9]*[a-z0-9]?/.+|s3://.+|hf://.+)$",
+                            max_length=2048, description="pvc://<claim>/<path>, s3://bucket/prefix or hf://org/repo.")
+    r: int | None = Field(None, ge=1, le=1024, description="Rank of a uri adapter (fineTuneRef adapters report theirs).")
+
+
+class ServeResources(SchedulingSpec):
+    """Placement of each replica; the GPU count is vllm.tensor_parallel_size."""
+
+
+class LlamaServeSpec(KubeModel):
+    model: ServeModelSpec
+    adapters: list[ServeAdapter] = Field(
+        default_factory=list, max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
+    vllm: VllmSpec = section(VllmSpec)
+    system_prompt: str | None = Field(
+        None, max_length=65536,
+        description="System prompt applied by default; unset takes the one the adapters were trained with.")
+    replicas: int = Field(1, ge=0, le=1000)
+    resources: ServeResources = section(ServeResources)
+    image: str | None = Field(None, max_length=1024, description="vLLM OpenAI server image override.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_secrets: list[SecretRef] | None = Field(None, max_length=16)
+    hf_token_secret_ref: SecretKeyRef | None = None
+    api_key_secret_ref: SecretKeyRef | None = Field(None, description="Secret key with the API key clients must send.")
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_names(cls, adapters: list[ServeAdapter]) -> list[ServeAdapter]:
+        # The CRD says the same with x-kubernetes-list-map-keys: [name].
+        seen: set[str] = set()
+        for adapter in adapters:
+            if adapter.name in seen:
+                raise ValueError(f'duplicate adapter name "{adapter.name}"')
+            seen.add(adapter.name)
+        return adapters
+
+
+ServePhase = Literal["Pending", "WaitingForAdapters", "Progressing", "Ready", "Failed"]
+
+
+class ServedAdapterStatus(KubeModel):
+    name: str
+    uri: str
+    base_model: str | None = None
+    r: int | None = None
+
+
+class LlamaServeStatus(KubeModel):
+    phase: ServePhase | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] | None = None
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    adapters: list[ServedAdapterStatus] | None = None
+    adapter_names: str | None = Field(None, description="Comma-separated adapter names, for kubectl get.")
+    endpoint: str | None = None
+
+
+class LlamaServe(KubeModel):
+    kind_name: ClassVar[str] = "LlamaServe"
+
+    api_version: Literal["llamaops.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["LlamaServe"] = "LlamaServe"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: LlamaServeSpec
+    status: LlamaServeStatus | None = None
