@@ -4,7 +4,7 @@ PY    ?= python3
 VENV  ?= .venv
 BIN    = $(VENV)/bin
 
-.PHONY: venv binaries crds test unit cluster-up cluster-down clean
+.PHONY: venv binaries crds lint test unit cluster-up cluster-down clean
 
 $(BIN)/llamaops: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ binaries:
 # Render crds/ (and the chart's crds/) from the API models.
 crds: venv
 	$(BIN)/python -m llamaops.api.crdgen
+
+lint: venv
+	$(BIN)/ruff check operator trainer-image tests bench
 
 unit: venv
 	$(BIN)/pytest -q tests/unit

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from api_cases import CASES, EXAMPLES, Case, example
 from llamaops.api import LlamaFineTune, LlamaServe
 from llamaops.api.manifests import load_file

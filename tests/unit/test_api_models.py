@@ -6,10 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from api_cases import EXAMPLES
-from llamaops.api import LlamaFineTune, LlamaServe
-from llamaops.api import crdgen
+from llamaops.api import LlamaFineTune, LlamaServe, crdgen
 from llamaops.api.manifests import load_all, load_file
 from llamaops.api.schema import openapi_schema
 from llamaops.api.validation import validate_manifest

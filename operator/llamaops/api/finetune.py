@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field
 
 from llamaops.api.meta import (
-    API_VERSION,
     DNS_SUBDOMAIN_PATTERN,
-    PVC_URI_PATTERN,
-    Condition,
     KubeModel,
-    ObjectMeta,
     Quantity,
-    Timestamp,
+    Resource,
     SecretKeyRef,
     SecretRef,
     SeedModel,
+    StatusBase,
+    Timestamp,
     Toleration,
     cel,
     section,
@@ -330,10 +328,8 @@ class AdapterStatus(KubeModel):
     system_prompt: str | None = None
 
 
-class FineTuneStatus(KubeModel):
+class FineTuneStatus(StatusBase):
     phase: FineTunePhase | None = None
-    observed_generation: int | None = None
-    conditions: list[Condition] | None = None
     queue_position: int | None = Field(None, ge=1)
     progress: Progress | None = None
     adapter: AdapterStatus | None = None
@@ -343,11 +339,5 @@ class FineTuneStatus(KubeModel):
     completion_time: Timestamp | None = None
 
 
-class LlamaFineTune(KubeModel):
-    kind_name: ClassVar[str] = "LlamaFineTune"
-
-    api_version: Literal["llamaops.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+class LlamaFineTune(Resource[FineTuneSpec, FineTuneStatus]):
     kind: Literal["LlamaFineTune"] = "LlamaFineTune"
-    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
-    spec: FineTuneSpec
-    status: FineTuneStatus | None = None

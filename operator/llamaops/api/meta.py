@@ -14,7 +14,7 @@ Both forbid unknown keys: a typo must be an error, never a silently ignored knob
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -127,6 +127,14 @@ class Condition(KubeModel):
     observed_generation: int | None = Field(None, ge=0)
 
 
+class StatusBase(KubeModel):
+    """What every status of ours carries."""
+
+    observed_generation: int | None = Field(None, description="The spec generation this status describes.")
+    conditions: list[Condition] | None = Field(
+        None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+
+
 class ObjectMeta(KubeModel):
     """The part of metadata the models read; the rest is kept as-is."""
 
@@ -138,3 +146,16 @@ class ObjectMeta(KubeModel):
     generation: int | None = None
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
+
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+StatusT = TypeVar("StatusT", bound=BaseModel)
+
+
+class Resource(KubeModel, Generic[SpecT, StatusT]):
+    """A whole object of one of our kinds; subclasses pin `kind`."""
+
+    api_version: Literal["llamaops.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: SpecT
+    status: StatusT | None = None

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, get_args
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 
+from llamaops.api.finetune import SchedulingSpec
 from llamaops.api.meta import (
-    API_VERSION,
     DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
-    Condition,
     KubeModel,
-    ObjectMeta,
+    Resource,
     SecretKeyRef,
     SecretRef,
     SeedModel,
+    StatusBase,
     cel,
     section,
     validations,
 )
-from llamaops.api.finetune import SchedulingSpec
 
 # vLLM accepts only these values for --max-lora-rank.
 LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
@@ -121,10 +120,8 @@ class ServedAdapterStatus(KubeModel):
     r: int | None = None
 
 
-class LlamaServeStatus(KubeModel):
+class LlamaServeStatus(StatusBase):
     phase: ServePhase | None = None
-    observed_generation: int | None = None
-    conditions: list[Condition] | None = None
     replicas: int | None = None
     ready_replicas: int | None = None
     adapters: list[ServedAdapterStatus] | None = None
@@ -132,11 +129,5 @@ class LlamaServeStatus(KubeModel):
     endpoint: str | None = None
 
 
-class LlamaServe(KubeModel):
-    kind_name: ClassVar[str] = "LlamaServe"
-
-    api_version: Literal["llamaops.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+class LlamaServe(Resource[LlamaServeSpec, LlamaServeStatus]):
     kind: Literal["LlamaServe"] = "LlamaServe"
-    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
-    spec: LlamaServeSpec
-    status: LlamaServeStatus | None = None

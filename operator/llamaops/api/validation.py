@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator, Mapping
-from functools import cache
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Literal
 
 import celpy
