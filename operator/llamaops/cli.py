@@ -39,5 +39,27 @@ def validate(
     raise typer.Exit(1 if failed else 0)
 
 
+@app.command()
+def operator(
+    namespaces: Annotated[str, typer.Option(envvar="LLAMAOPS_NAMESPACES",
+                                            help="Comma-separated namespaces to manage; empty: all.")] = "",
+    queue_mode: Annotated[str, typer.Option(envvar="LLAMAOPS_QUEUE_MODE", help="builtin or kueue.")] = "builtin",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the operator (in-cluster credentials, else KUBECONFIG like kubectl)."""
+    import os
+
+    from llamaops.operator import run
+    from llamaops.settings import Settings
+
+    env = dict(os.environ, LLAMAOPS_NAMESPACES=namespaces, LLAMAOPS_QUEUE_MODE=queue_mode)
+    try:
+        settings = Settings.from_env(env)
+    except ValueError as exc:
+        typer.echo(f"operator: {exc}", err=True)
+        raise typer.Exit(2) from None
+    run(settings, verbose=verbose)
+
+
 def main() -> None:
     app()

@@ -6,8 +6,14 @@ builder and the trainer cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llamaops.api.finetune import FineTuneSpec
 
 # Where the pod finds things.
 SPEC_PATH = "/etc/llamaops/spec.yaml"  # the LlamaFineTune manifest, from a ConfigMap
@@ -57,3 +63,15 @@ def parse_pvc_uri(uri: str) -> tuple[str, str]:
 def output_subpath(namespace: str, name: str, path: str | None) -> str:
     """The run's directory inside its output claim: spec.output.pvc.path or <namespace>/<name>."""
     return path or f"{namespace}/{name}"
+
+
+# The spec sections that change what is trained. Their hash tells a finished
+# adapter (or a checkpoint) of this spec from one of an edited spec; scheduling
+# fields (resources, queue, suspend, images) change where a run goes, not what it learns.
+HASHED_SECTIONS = ("model", "lora", "quantization", "training", "systemPrompt", "dataset")
+
+
+def spec_hash(spec: FineTuneSpec) -> str:
+    wire = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    relevant = {k: wire[k] for k in HASHED_SECTIONS if k in wire}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()

@@ -334,7 +334,10 @@ class FineTuneStatus(StatusBase):
     progress: Progress | None = None
     adapter: AdapterStatus | None = None
     job_name: str | None = None
-    restarts: int | None = None
+    assigned_nodes: list[str] | None = Field(None, description="Nodes the built-in queue admitted the run onto.")
+    run_hash: str | None = Field(None, description="Hash of the spec (less queue and suspend) the workload runs.")
+    spec_hash: str | None = Field(None, description="Hash of the trained sections, as the adapter records it.")
+    restarts: int | None = Field(None, description="Whole-gang restarts after infrastructure failures.")
     start_time: Timestamp | None = None
     completion_time: Timestamp | None = None
 

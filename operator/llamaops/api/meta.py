@@ -143,7 +143,9 @@ class ObjectMeta(KubeModel):
 
     name: str | None = None
     namespace: str | None = None
+    uid: str | None = None
     generation: int | None = None
+    creation_timestamp: Timestamp | None = None
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
 

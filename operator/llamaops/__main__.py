@@ -1,0 +1,5 @@
+"""`python -m llamaops` is the `llamaops` command."""
+
+from llamaops.cli import main
+
+main()

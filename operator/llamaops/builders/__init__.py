@@ -1,0 +1,1 @@
+"""Pure builders: spec in, manifest dicts out. No I/O; unit-tested by value."""

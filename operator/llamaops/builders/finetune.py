@@ -1,0 +1,323 @@
+"""The training workload of one LlamaFineTune, as manifests.
+
+    ConfigMap <name>-spec        the spec the trainer reads
+    ServiceAccount/Role/Binding  <name>-trainer: may get and patch only this object's status
+    Service <job>                headless: pod 0 is the torchrun master, <job>-0.<job>
+    Job <name>-train             Indexed, one pod per node, torchrun per pod
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from llamaops.api import LlamaFineTune
+from llamaops.api.contract import (
+    ENV_NAME,
+    ENV_NAMESPACE,
+    ENV_SPEC,
+    HF_HOME,
+    NON_RETRYABLE_EXIT_CODES,
+    PVC_ROOT,
+    SPEC_PATH,
+    output_subpath,
+    parse_pvc_uri,
+    pvc_path,
+    spec_hash,
+)
+from llamaops.builders.naming import (
+    ANNOTATION_RUN_HASH,
+    ANNOTATION_SPEC_HASH,
+    LABEL_FINETUNE,
+    MAX_JOB_NAME,
+    child_name,
+    label_value,
+    labels,
+    metadata,
+)
+from llamaops.lifecycle import run_hash
+from llamaops.settings import Settings
+
+KIND = "LlamaFineTune"
+CONTAINER = "trainer"
+MASTER_PORT = 29500
+TRAINER_UID = 1000
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+GPU = "nvidia.com/gpu"
+GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
+# Time for the trainer to write a checkpoint after SIGTERM (Kubernetes' default is 30 s).
+TERMINATION_GRACE_SECONDS = 120
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What admission decided: the nodes the gang runs on, or the Kueue queue it waits in."""
+
+    nodes: tuple[str, ...] = ()
+    kueue_queue: str | None = None
+
+
+@dataclass(frozen=True)
+class Names:
+    spec: str
+    account: str
+    job: str
+
+    @classmethod
+    def of(cls, name: str) -> Names:
+        return cls(child_name(name, "spec"), child_name(name, "trainer"), child_name(name, "train", MAX_JOB_NAME))
+
+
+@dataclass
+class Workload:
+    config_map: dict[str, Any]
+    service_account: dict[str, Any]
+    role: dict[str, Any]
+    role_binding: dict[str, Any]
+    service: dict[str, Any]
+    job: dict[str, Any]
+    extra: list[dict[str, Any]] = field(default_factory=list)
+
+    def in_creation_order(self) -> list[dict[str, Any]]:
+        """The Job last, so its pods find everything they mount and use."""
+        return [self.config_map, self.service_account, self.role, self.role_binding, self.service, self.job]
+
+
+def _meta(lft: LlamaFineTune, name: str, component: str, **kw: Any) -> dict[str, Any]:
+    m = lft.metadata
+    return metadata(name, m.namespace or "default", KIND, m.name or "", m.uid or "",
+                    labels(LABEL_FINETUNE, m.name or "", component), **kw)
+
+
+def spec_document(lft: LlamaFineTune) -> str:
+    """The manifest the trainer reads: every default spelled out, nothing but metadata and spec."""
+    doc = {
+        "apiVersion": lft.api_version, "kind": KIND,
+        "metadata": {"name": lft.metadata.name, "namespace": lft.metadata.namespace,
+                     "generation": lft.metadata.generation},
+        "spec": lft.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def adapter_uri(lft: LlamaFineTune) -> str | None:
+    """Where the trainer leaves the finished adapter (pvc output; S3 output reports its own)."""
+    out = lft.spec.output
+    if out.pvc is None:
+        return None
+    sub = output_subpath(lft.metadata.namespace or "default", lft.metadata.name or "", out.pvc.path)
+    return f"pvc://{out.pvc.claim_name}/{sub}/adapter"
+
+
+def _claims(lft: LlamaFineTune) -> dict[str, bool]:
+    """Claim -> read-only? The output claim is writable; model and dataset claims are read-only."""
+    claims: dict[str, bool] = {}
+    spec = lft.spec
+    if spec.model.base_model.startswith("pvc://"):
+        claims[parse_pvc_uri(spec.model.base_model)[0]] = True
+    if spec.dataset.pvc is not None:
+        claims.setdefault(spec.dataset.pvc.claim_name, True)
+    if spec.output.pvc is not None:
+        claims[spec.output.pvc.claim_name] = False
+    return claims
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _env(lft: LlamaFineTune) -> list[dict[str, Any]]:
+    spec = lft.spec
+    env: list[dict[str, Any]] = [
+        {"name": ENV_NAME, "value": lft.metadata.name},
+        {"name": ENV_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": ENV_SPEC, "value": SPEC_PATH},
+        {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "NCCL_DEBUG", "value": "WARN"},
+        {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+    ]
+    if spec.hf_token_secret_ref is not None:
+        env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref.name, spec.hf_token_secret_ref.key))
+    s3 = spec.dataset.s3 or spec.output.s3
+    for loc in (spec.dataset.s3, spec.output.s3):
+        if loc is not None and loc.credentials_secret is not None:
+            env += [_secret_env("AWS_ACCESS_KEY_ID", loc.credentials_secret.name, "AWS_ACCESS_KEY_ID"),
+                    _secret_env("AWS_SECRET_ACCESS_KEY", loc.credentials_secret.name, "AWS_SECRET_ACCESS_KEY")]
+            break
+    if s3 is not None and s3.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": s3.region})
+    return env
+
+
+def _torchrun_args(lft: LlamaFineTune, names: Names) -> list[str]:
+    res = lft.spec.resources
+    procs = max(res.gpus_per_node, 1)
+    rdzv = [f"--nnodes={res.nodes}", f"--nproc-per-node={procs}"]
+    if res.nodes == 1:
+        rdzv.append("--standalone")
+    else:
+        # JOB_COMPLETION_INDEX is set by the Job controller in every pod of an Indexed Job.
+        rdzv += ["--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={names.job}-0.{names.job}",
+                 f"--master-port={MASTER_PORT}"]
+    return [*rdzv, "-m", "llamaops_trainer", "--spec", SPEC_PATH]
+
+
+def _resources(lft: LlamaFineTune) -> dict[str, Any]:
+    res = lft.spec.resources
+    amounts: dict[str, Any] = {}
+    if res.cpu:
+        amounts["cpu"] = res.cpu
+    if res.memory:
+        amounts["memory"] = res.memory
+    limits = dict(amounts)
+    if res.gpus_per_node:
+        limits[GPU] = str(res.gpus_per_node)
+    out: dict[str, Any] = {}
+    if amounts:
+        out["requests"] = amounts
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _affinity(lft: LlamaFineTune, placement: Placement) -> dict[str, Any] | None:
+    affinity: dict[str, Any] = {}
+    if placement.nodes:
+        # Exactly the nodes the queue counted the GPUs on.
+        affinity["nodeAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In",
+                                   "values": sorted(placement.nodes)}]}]}}
+    if lft.spec.resources.nodes > 1:
+        affinity["podAntiAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": {"matchLabels": {LABEL_FINETUNE: label_value(lft.metadata.name or "")}},
+            "topologyKey": "kubernetes.io/hostname"}]}
+    return affinity or None
+
+
+def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: Placement) -> dict[str, Any]:
+    spec, res = lft.spec, lft.spec.resources
+    claims = _claims(lft)
+    volumes: list[dict[str, Any]] = [
+        {"name": "spec", "configMap": {"name": names.spec}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "hf-cache", "persistentVolumeClaim": {"claimName": settings.model_cache_pvc}}
+        if settings.model_cache_pvc else {"name": "hf-cache", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "spec", "mountPath": SPEC_PATH.rsplit("/", 1)[0], "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "hf-cache", "mountPath": HF_HOME},
+    ]
+    for i, (claim, read_only) in enumerate(sorted(claims.items())):
+        ro = {"readOnly": True} if read_only else {}
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, **ro}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": pvc_path(claim, root=PVC_ROOT), **ro})
+
+    node_selector = dict(res.node_selector or {})
+    if res.gpu_product:
+        node_selector["nvidia.com/gpu.product"] = res.gpu_product
+    tolerations = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in res.tolerations or []]
+    if res.gpus_per_node and GPU_TOLERATION not in tolerations:
+        tolerations.append(GPU_TOLERATION)
+
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
+        # torchrun, wrapped so a rank's exit code (bad config, bad data) survives as the pod's.
+        "command": ["python", "-m", "llamaops_trainer.launch"],
+        "args": _torchrun_args(lft, names),
+        "env": _env(lft),
+        "ports": [{"name": "rdzv", "containerPort": MASTER_PORT}],
+        "resources": _resources(lft),
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+    }
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": names.account,
+        "subdomain": names.job,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID,
+                            "fsGroup": TRAINER_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if tolerations:
+        pod["tolerations"] = tolerations
+    affinity = _affinity(lft, placement)
+    if affinity:
+        pod["affinity"] = affinity
+    if res.priority_class_name:
+        pod["priorityClassName"] = res.priority_class_name
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    return pod
+
+
+def job(lft: LlamaFineTune, settings: Settings, placement: Placement) -> dict[str, Any]:
+    names = Names.of(lft.metadata.name or "")
+    nodes = lft.spec.resources.nodes
+    hashes = {ANNOTATION_SPEC_HASH: spec_hash(lft.spec), ANNOTATION_RUN_HASH: run_hash(lft.spec)}
+    meta = _meta(lft, names.job, "trainer", annotations=hashes)
+    template_labels = dict(meta["labels"])
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        # One failed pod fails the Job; the operator restarts the whole gang (NCCL
+        # peers of a lost rank cannot carry on) and the trainer resumes from its checkpoint.
+        "backoffLimit": 0,
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                  "values": list(NON_RETRYABLE_EXIT_CODES)}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
+        "template": {
+            "metadata": {"labels": template_labels, "annotations": hashes},
+            "spec": _pod_spec(lft, names, settings, placement),
+        },
+    }
+    if lft.spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = lft.spec.active_deadline_seconds
+    if placement.kueue_queue:
+        meta["labels"][KUEUE_QUEUE_LABEL] = placement.kueue_queue
+        job_spec["suspend"] = True  # Kueue unsuspends it on admission
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def workload(lft: LlamaFineTune, settings: Settings, placement: Placement) -> Workload:
+    name = lft.metadata.name or ""
+    names = Names.of(name)
+    ns = lft.metadata.namespace or "default"
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap",
+                  "metadata": _meta(lft, names.spec, "spec"),
+                  "data": {SPEC_PATH.rsplit("/", 1)[1]: spec_document(lft)}}
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(lft, names.account, "trainer")}
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": _meta(lft, names.account, "trainer"),
+            "rules": [
+                {"apiGroups": ["llamaops.io"], "resources": ["llamafinetunes"], "resourceNames": [name],
+                 "verbs": ["get"]},
+                {"apiGroups": ["llamaops.io"], "resources": ["llamafinetunes/status"], "resourceNames": [name],
+                 "verbs": ["get", "patch"]},
+            ]}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": _meta(lft, names.account, "trainer"),
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.account},
+               "subjects": [{"kind": "ServiceAccount", "name": names.account, "namespace": ns}]}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": _meta(lft, names.job, "rendezvous"),
+               "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                        "selector": {LABEL_FINETUNE: label_value(name),
+                                     "batch.kubernetes.io/job-name": names.job},
+                        "ports": [{"name": "rdzv", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
+    return Workload(config_map, account, role, binding, service, job(lft, settings, placement))

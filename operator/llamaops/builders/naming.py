@@ -1,0 +1,67 @@
+"""Deterministic names and labels of the objects LlamaOps creates.
+
+Names are derived from the owner alone, so a repeated reconcile finds the
+child it made before instead of making another. Children never copy the
+owner's labels: GitOps tools track by label (Argo CD's
+app.kubernetes.io/instance) and would prune copies as their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from llamaops.api.meta import API_VERSION
+
+MANAGED_BY = "llamaops"
+LABEL_FINETUNE = "llamaops.io/finetune"
+LABEL_SERVE = "llamaops.io/serve"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+ANNOTATION_SPEC_HASH = "llamaops.io/spec-hash"
+ANNOTATION_RUN_HASH = "llamaops.io/run-hash"
+ANNOTATION_OWNER = "llamaops.io/owner"
+MAX_LABEL = 63
+# Indexed Job pods are named and hostnamed <job>-<index>: leave room for the index.
+MAX_JOB_NAME = 56
+
+
+def _fit(base: str, suffix: str, limit: int) -> str:
+    name = f"{base}-{suffix}" if suffix else base
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
+    keep = limit - len(digest) - 1 - (len(suffix) + 1 if suffix else 0)
+    head = base[:keep].rstrip("-.")
+    return f"{head}-{digest}-{suffix}" if suffix else f"{head}-{digest}"
+
+
+def child_name(owner: str, suffix: str, limit: int = MAX_LABEL) -> str:
+    """`<owner>-<suffix>`, shortened with a hash when it would exceed `limit`."""
+    return _fit(owner, suffix, limit)
+
+
+def label_value(value: str) -> str:
+    return _fit(value, "", MAX_LABEL)
+
+
+def labels(kind_label: str, owner: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "llamaops",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_COMPONENT: component,
+        kind_label: label_value(owner),
+    }
+
+
+def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": kind, "name": name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def metadata(name: str, namespace: str, owner_kind: str, owner: str, uid: str, lbls: dict[str, str],
+             annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(lbls),
+                            "ownerReferences": [owner_reference(owner_kind, owner, uid)]}
+    ann = {ANNOTATION_OWNER: f"{owner_kind}/{owner}", **(annotations or {})}
+    meta["annotations"] = ann
+    return meta

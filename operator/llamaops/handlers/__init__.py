@@ -1,0 +1,6 @@
+"""kopf glue: read state, call the pure builders and queue, write objects and status.
+
+Importing this package registers the handlers with kopf.
+"""
+
+from llamaops.handlers import admission, finetune, jobs  # noqa: F401

@@ -1,0 +1,179 @@
+"""The built-in queue's admission loop: capacity from kopf indexes, decisions from llamaops.queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Any
+
+import kopf
+
+from llamaops import status as st
+from llamaops.builders.finetune import Names, Placement
+from llamaops.builders.naming import LABEL_COMPONENT, LABEL_FINETUNE
+from llamaops.handlers.runtime import Runtime, runtime
+from llamaops.handlers.workload import PLURAL, create_workload, parse
+from llamaops.lifecycle import ACTIVE, run_hash
+from llamaops.queue import QueuedRun, admit, free_capacity
+from llamaops.queue.capacity import pod_gpu_request
+
+log = logging.getLogger(__name__)
+
+
+def _wake() -> None:
+    try:
+        runtime().wake.set()
+    except RuntimeError:
+        pass
+
+
+@kopf.index("nodes")
+def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+    _wake()
+    status = body.get("status") or {}
+    return {name: {
+        "metadata": {"name": name, "labels": dict(body["metadata"].get("labels") or {})},
+        "spec": {"taints": list(body.get("spec", {}).get("taints") or []),
+                 "unschedulable": bool(body.get("spec", {}).get("unschedulable"))},
+        "status": {"allocatable": dict(status.get("allocatable") or {}),
+                   "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]},
+    }}
+
+
+def _gpu_pod(body: kopf.Body, **_: Any) -> bool:
+    return pod_gpu_request(body) > 0
+
+
+@kopf.index("pods", when=_gpu_pod)
+def gpu_pod_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every pod holding GPUs, ours and everyone else's."""
+    _wake()
+    labels = body["metadata"].get("labels") or {}
+    return {(namespace, name): {
+        "namespace": namespace,
+        "finetune": labels.get(LABEL_FINETUNE) if labels.get(LABEL_COMPONENT) == "trainer" else None,
+        "spec": {"nodeName": body.get("spec", {}).get("nodeName"),
+                 "containers": [{"resources": c.get("resources") or {}} for c in body["spec"].get("containers", [])],
+                 "initContainers": [{"resources": c.get("resources") or {}}
+                                    for c in body["spec"].get("initContainers") or []]},
+        "status": {"phase": (body.get("status") or {}).get("phase")},
+    }}
+
+
+def _created(value: str | None) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else 0.0
+
+
+def _values(index: kopf.Index) -> list[Any]:
+    return [v for store in index.values() for v in store]
+
+
+class Admitter:
+    """One pass of admission: read the indexes, decide, act."""
+
+    def __init__(self, rt: Runtime, finetunes: kopf.Index, nodes: kopf.Index, pods: kopf.Index) -> None:
+        self.rt, self.finetunes, self.nodes, self.pods = rt, finetunes, nodes, pods
+        # Admissions whose status change the index has not shown yet: key -> (nodes, gpus per node).
+        self.in_flight: dict[str, tuple[list[str], int]] = {}
+        self.positions: dict[str, tuple[int, str]] = {}
+
+    async def run_pass(self) -> None:
+        runs = {f"{ns}/{name}": snap for (ns, name), store in self.finetunes.items() for snap in store}
+        for key in list(self.in_flight):
+            if key not in runs or runs[key]["phase"] != "Queued":
+                del self.in_flight[key]
+        queued, held = [], {}
+        for key, r in runs.items():
+            if r["phase"] in ACTIVE and r["assigned_nodes"]:
+                held[key] = (r["assigned_nodes"], r["gpus_per_node"])
+            elif r["phase"] == "Queued" and not r["suspend"] and r["in_scope"] and key not in self.in_flight:
+                queued.append(QueuedRun(key, r["priority"], _created(r["created"]), r["nodes"], r["gpus_per_node"],
+                                        r["gpu_product"], r["node_selector"], r["tolerations"],
+                                        self.rt.overtaken.get(key, 0)))
+        held.update(self.in_flight)
+        # Pods of admitted runs are counted through their reservation (they may not be bound yet);
+        # every other GPU pod (leftovers of our stopped runs included) through its requests.
+        pods = [p for p in _values(self.pods)
+                if not (p["finetune"] and f"{p['namespace']}/{p['finetune']}" in held)]
+        capacity = free_capacity(_values(self.nodes), pods)
+        by_name = {n.name: n for n in capacity}
+        for nodes, gpus in held.values():
+            for n in nodes:
+                if n in by_name:
+                    by_name[n].free = max(by_name[n].free - gpus, 0)
+        decision = admit(queued, capacity, self.rt.settings.backfill_limit)
+        self.rt.overtaken = decision.overtaken
+        for key, nodes in decision.admitted.items():
+            gpus = next(q.gpus_per_node for q in queued if q.key == key)
+            self.in_flight[key] = (nodes, gpus)
+            try:
+                await self._admit(key, nodes)
+            except Exception:  # one bad run must not stop the queue
+                log.exception("admitting %s failed", key)
+                self.in_flight.pop(key, None)
+        for key, position in decision.positions.items():
+            reason = decision.reasons.get(key, "")
+            if self.positions.get(key) != (position, reason) and runs.get(key, {}).get("phase") == "Queued":
+                self.positions[key] = (position, reason)
+                ns, name = key.split("/", 1)
+                conditions = st.set_condition(runs[key]["conditions"], st.QUEUED, True, "Queued",
+                                              f"position {position}: {reason}")
+                await self.rt.kube.patch_status(PLURAL, ns, name,
+                                                {"queuePosition": position, "conditions": conditions})
+        for key in list(self.positions):
+            if key not in decision.positions:
+                del self.positions[key]
+
+    async def _admit(self, key: str, nodes: list[str]) -> None:
+        ns, name = key.split("/", 1)
+        body = await self.rt.kube.get_finetune(ns, name)
+        if body is None or (body.get("status") or {}).get("phase") != "Queued" or body["spec"].get("suspend"):
+            self.in_flight.pop(key, None)
+            return
+        lft = parse(body)
+        await create_workload(self.rt, lft, Placement(nodes=tuple(nodes)))
+        gen = body["metadata"].get("generation")
+        conditions = list((body.get("status") or {}).get("conditions") or [])
+        where = ", ".join(nodes) if nodes else "CPU"
+        conditions = st.set_condition(conditions, st.QUEUED, False, "Admitted", f"admitted onto {where}", gen)
+        conditions = st.set_condition(conditions, st.ADMITTED, True, "Admitted", f"admitted onto {where}", gen)
+        await self.rt.kube.patch_status(PLURAL, ns, name, {
+            "phase": "Admitted", "queuePosition": None, "assignedNodes": nodes, "conditions": conditions,
+            "runHash": run_hash(lft.spec), "jobName": Names.of(name).job})
+        await self.rt.kube.event(body, "Normal", reason="Admitted", message=f"all {len(nodes) or 1} node(s) fit: {where}")
+
+
+async def admission_loop(rt: Runtime, admitter: Admitter) -> None:
+    await rt.indexes_ready.wait()
+    while True:
+        try:
+            await asyncio.wait_for(rt.wake.wait(), timeout=rt.settings.admission_interval)
+        except TimeoutError:
+            pass
+        rt.wake.clear()
+        try:
+            await admitter.run_pass()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("admission pass failed; retrying")
+            await asyncio.sleep(1)
+
+
+@kopf.on.startup()
+async def start_admission(memo: kopf.Memo, finetune_index: kopf.Index, node_index: kopf.Index,
+                          gpu_pod_index: kopf.Index, **_: Any) -> None:
+    rt = runtime()
+    if rt.settings.queue_mode != "builtin":
+        return
+    memo["admission"] = asyncio.create_task(
+        admission_loop(rt, Admitter(rt, finetune_index, node_index, gpu_pod_index)), name="admission")
+
+
+@kopf.on.cleanup()
+async def stop_admission(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("admission")
+    if task is not None:
+        task.cancel()
+

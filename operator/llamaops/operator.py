@@ -1,0 +1,51 @@
+"""`llamaops operator`: the kopf operator process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from llamaops.handlers.runtime import Runtime, set_runtime
+from llamaops.kube import Kube, connect
+from llamaops.settings import Settings
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # kopf's bookkeeping lives in status.kopf, never in metadata: GitOps tools
+    # compare labels and annotations, and must see no drift from us.
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.lastHandled")
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
+    settings.persistence.finalizer = "llamaops.io/finalizer"
+    # One active replica (Deployment strategy Recreate); no peering objects needed.
+    settings.peering.standalone = True
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.batching.worker_limit = None  # required with indexes: no start-up deadlock
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+
+
+def run(settings: Settings, *, verbose: bool = False) -> None:
+    """Run until interrupted."""
+    import llamaops.handlers  # noqa: F401  (registers the handlers)
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Its debug log prints whole response bodies (Secrets included, were we to read any).
+    logging.getLogger("kubernetes_asyncio").setLevel(logging.INFO)
+
+    async def main() -> None:
+        api = await connect()
+        set_runtime(Runtime(settings=settings, kube=Kube(api)))
+        try:
+            await kopf.operator(
+                clusterwide=True,
+                liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz",
+            )
+        finally:
+            await api.close()
+
+    asyncio.run(main())

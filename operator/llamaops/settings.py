@@ -1,0 +1,50 @@
+"""Operator settings, from the environment (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+QueueMode = Literal["builtin", "kueue"]
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/llamaops/trainer:0.1.0"
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+    queue_mode: QueueMode = "builtin"
+    kueue_default_queue: str = "default"  # LocalQueue for runs that name none
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    vllm_image: str = DEFAULT_VLLM_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    backfill_limit: int = 3
+    admission_interval: float = 2.0  # seconds between admission passes when nothing changes
+    model_cache_pvc: str | None = None  # a claim per namespace for HF_HOME, shared by runs
+    liveness_port: int = 8080
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        mode = env.get("LLAMAOPS_QUEUE_MODE", "builtin")
+        if mode not in ("builtin", "kueue"):
+            raise ValueError(f"LLAMAOPS_QUEUE_MODE must be builtin or kueue, not {mode!r}")
+        return cls(
+            namespaces=_csv(env.get("LLAMAOPS_NAMESPACES", "")),
+            queue_mode=mode,  # type: ignore[arg-type]
+            kueue_default_queue=env.get("LLAMAOPS_KUEUE_QUEUE", "default"),
+            trainer_image=env.get("LLAMAOPS_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
+            vllm_image=env.get("LLAMAOPS_VLLM_IMAGE", DEFAULT_VLLM_IMAGE),
+            image_pull_policy=env.get("LLAMAOPS_IMAGE_PULL_POLICY", "IfNotPresent"),
+            backfill_limit=int(env.get("LLAMAOPS_BACKFILL_LIMIT", "3")),
+            admission_interval=float(env.get("LLAMAOPS_ADMISSION_INTERVAL", "2")),
+            model_cache_pvc=env.get("LLAMAOPS_MODEL_CACHE_PVC") or None,
+            liveness_port=int(env.get("LLAMAOPS_LIVENESS_PORT", "8080")),
+        )

@@ -1,0 +1,48 @@
+"""Pure helpers for status: conditions and phase patches."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+# Condition types of a LlamaFineTune.
+VALID = "Valid"
+QUEUED = "Queued"
+ADMITTED = "Admitted"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+SUSPENDED = "Suspended"
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: bool | str, reason: str,
+                  message: str = "", generation: int | None = None, at: str | None = None) -> list[dict[str, Any]]:
+    """The conditions with one set; lastTransitionTime moves only when the status flips."""
+    value = status if isinstance(status, str) else ("True" if status else "False")
+    out = [dict(c) for c in conditions or []]
+    existing = next((c for c in out if c.get("type") == type_), None)
+    new = {"type": type_, "status": value, "reason": reason, "message": message[:32768],
+           "lastTransitionTime": at or now()}
+    if generation is not None:
+        new["observedGeneration"] = generation
+    if existing is None:
+        out.append(new)
+    else:
+        if existing.get("status") == value:
+            new["lastTransitionTime"] = existing.get("lastTransitionTime", new["lastTransitionTime"])
+        existing.clear()
+        existing.update(new)
+    return out
+
+
+def condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
+    return next((c for c in conditions or [] if c.get("type") == type_), None)
+
+
+def is_true(conditions: list[dict[str, Any]] | None, type_: str) -> bool:
+    c = condition(conditions, type_)
+    return bool(c and c.get("status") == "True")

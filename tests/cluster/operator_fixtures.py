@@ -1,0 +1,155 @@
+"""Running the operator against the cluster under test, and playing kubelet for its training pods.
+
+kwok leaves LlamaOps training pods Running (see devcluster/kwok_stages.py);
+`finish_pods` writes the terminal status a kubelet would, so a test decides
+whether a run succeeds, fails with a trainer exit code, or crashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from api_cases import example
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], what: str, timeout: float = 30, interval: float = 0.2) -> T:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class OperatorProcess:
+    """`llamaops operator` as a subprocess, restartable, with its log kept for failures."""
+
+    def __init__(self, kubeconfig: Path, log: Path, env: dict[str, str]) -> None:
+        self.kubeconfig, self.log, self.env = kubeconfig, log, env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), **self.env)
+        out = self.log.open("a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "llamaops", "operator"], env=env,
+                                     stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def restart(self, kill: bool = True) -> None:
+        self.stop(kill=kill)
+        self.start()
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+class Cluster:
+    """kubectl helpers for one test namespace."""
+
+    def __init__(self, kubectl, namespace: str, tmp: Path) -> None:
+        self.kubectl, self.ns, self.tmp = kubectl, namespace, tmp
+
+    def apply(self, doc: dict[str, Any]) -> None:
+        self.kubectl("apply", "-n", self.ns, "-f", "-", input=yaml.safe_dump(doc))
+
+    def get(self, kind: str, name: str | None = None, selector: str | None = None) -> Any:
+        args = ["get", "-n", self.ns, kind, "-o", "json"]
+        if name:
+            args.insert(4, name)
+        if selector:
+            args += ["-l", selector]
+        proc = self.kubectl(*args, check=False)
+        if proc.returncode != 0:
+            return None
+        return json.loads(proc.stdout)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.get("lft", name) or {}).get("status") or {}
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 30) -> dict[str, Any]:
+        return wait_for(lambda: self.status(name) if self.status(name).get("phase") == phase else None,
+                        f"{name} to be {phase} (status: {self.status(name)})", timeout)
+
+    def volumes(self, *claims: str) -> None:
+        """Claims bound to hostPath volumes, so training pods can be scheduled."""
+        for claim in claims:
+            pv = f"{self.ns}-{claim}"[:63]
+            self.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": pv, "labels": {"llamaops.dev/test-ns": self.ns}},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
+                         "storageClassName": "", "persistentVolumeReclaimPolicy": "Retain",
+                         "hostPath": {"path": str(self.tmp / claim)},
+                         "claimRef": {"namespace": self.ns, "name": claim}}}))
+            self.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+                        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+                                 "resources": {"requests": {"storage": "1Gi"}}}})
+        for claim in claims:
+            wait_for(lambda c=claim: (self.get("pvc", c) or {}).get("status", {}).get("phase") == "Bound",
+                     f"claim {claim} bound")
+
+    def run(self, name: str, base: str = "llama-3.1-8b-lora.yaml", *, gpus: int = 1, nodes: int = 1,
+            priority: int = 0, **spec: Any) -> dict[str, Any]:
+        doc = example(base)
+        doc["metadata"] = {"name": name, "labels": {"app.kubernetes.io/instance": "team-fine-tunes"}}
+        doc["spec"]["resources"].update(gpusPerNode=gpus, nodes=nodes)
+        doc["spec"]["queue"] = {"priority": priority}
+        doc["spec"].pop("hfTokenSecretRef", None)
+        for key, value in spec.items():
+            doc["spec"][key] = value
+        self.apply(doc)
+        return doc
+
+    def pods(self, name: str) -> list[dict[str, Any]]:
+        return (self.get("pods", selector=f"llamaops.io/finetune={name}") or {}).get("items", [])
+
+    def job(self, name: str) -> dict[str, Any] | None:
+        return self.get("job", f"{name}-train")
+
+    def finish_pods(self, name: str, exit_code: int = 0, message: str = "") -> None:
+        """Write a terminal status on the run's pods, as the kubelet would when the trainer exits."""
+        pods = wait_for(lambda: [p for p in self.pods(name) if p["status"].get("phase") == "Running"],
+                        f"running pods of {name}")
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for pod in pods:
+            image = pod["spec"]["containers"][0]["image"]
+            terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                          "message": message, "startedAt": now, "finishedAt": now}
+            status = {"phase": "Succeeded" if exit_code == 0 else "Failed",
+                      "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": now}],
+                      "containerStatuses": [{"name": "trainer", "image": image, "imageID": "", "ready": False,
+                                             "restartCount": 0, "state": {"terminated": terminated}}]}
+            self.kubectl("patch", "-n", self.ns, "pod", pod["metadata"]["name"], "--subresource=status",
+                         "--type=merge", "-p", json.dumps({"status": status}))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        items = (self.get("events") or {}).get("items", [])
+        return [e for e in items if e["involvedObject"].get("name") == name]
+
+
+def gpu_pods_gone(kubectl) -> Iterator[None]:
+    """Wait until no pod anywhere holds GPUs (earlier tests' namespaces are deleted in the background)."""
+    def none_left() -> bool:
+        pods = json.loads(kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
+        return not [p for p in pods if p["status"].get("phase") not in ("Succeeded", "Failed") and any(
+            (c.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu") for c in p["spec"]["containers"])]
+    wait_for(none_left, "GPU pods of earlier tests to go away", timeout=120, interval=1)
