@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-
 from api_cases import example
 
 REPO = Path(__file__).resolve().parents[2]

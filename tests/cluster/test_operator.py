@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from operator_fixtures import REPO, Cluster, OperatorProcess, gpu_pods_gone, wait_for
 
 pytestmark = pytest.mark.cluster
