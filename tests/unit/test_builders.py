@@ -1,0 +1,122 @@
+"""The training workload builders, by value."""
+
+from __future__ import annotations
+
+import yaml
+
+from api_cases import example
+from llamaops.api import LlamaFineTune
+from llamaops.builders.finetune import Names, Placement, adapter_uri, workload
+from llamaops.builders.naming import MAX_JOB_NAME, child_name
+from llamaops.settings import Settings
+
+
+def lft(name: str = "llama31-8b-lora", base: str = "llama-3.1-8b-lora.yaml", **resources) -> LlamaFineTune:
+    doc = example(base)
+    doc["metadata"].update(name=name, namespace="team-a", uid="uid-1", generation=3,
+                           labels={"app.kubernetes.io/instance": "argo-app"})
+    doc["spec"]["resources"].update(resources)
+    return LlamaFineTune.model_validate(doc)
+
+
+def pod(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]
+
+
+def test_names_are_deterministic_and_fit_kubernetes_limits() -> None:
+    assert Names.of("run") == Names("run-spec", "run-trainer", "run-train")
+    long = "x" * 80
+    names = Names.of(long)
+    assert len(names.job) <= MAX_JOB_NAME and len(names.spec) <= 63 and names == Names.of(long)
+    assert child_name(long, "train") != child_name(long + "y", "train")
+
+
+def test_single_node_run_is_standalone_torchrun() -> None:
+    w = workload(lft(), Settings(), Placement(nodes=("gpu-node-0",)))
+    ctr = pod(w.job)["containers"][0]
+    assert ctr["args"][:3] == ["--nnodes=1", "--nproc-per-node=1", "--standalone"]
+    assert ctr["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    assert pod(w.job)["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["gpu-node-0"]
+    assert "podAntiAffinity" not in pod(w.job)["affinity"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(w.job)["tolerations"]
+
+
+def test_multi_node_run_rendezvous_through_pod_zero() -> None:
+    w = workload(lft(nodes=2, gpusPerNode=8), Settings(), Placement(nodes=("a", "b")))
+    job = w.job
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    args = pod(job)["containers"][0]["args"]
+    assert "--node-rank=$(JOB_COMPLETION_INDEX)" in args
+    assert "--master-addr=llama31-8b-lora-train-0.llama31-8b-lora-train" in args
+    assert pod(job)["subdomain"] == w.service["metadata"]["name"] == "llama31-8b-lora-train"
+    assert w.service["spec"]["clusterIP"] == "None" and w.service["spec"]["publishNotReadyAddresses"]
+    anti = pod(job)["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_cpu_run_requests_no_gpus_and_tolerates_nothing_extra() -> None:
+    w = workload(lft("tiny", "tiny-llama-cpu.yaml"), Settings(), Placement())
+    p = pod(w.job)
+    assert p["containers"][0]["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"},
+                                               "limits": {"cpu": "2", "memory": "4Gi"}}
+    assert "tolerations" not in p and "affinity" not in p and "nodeSelector" not in p
+    # The model and the dataset share the demo claim with the output: mounted once, writable.
+    claims = [v for v in p["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [{"name": "pvc-0", "persistentVolumeClaim": {"claimName": "llamaops-demo"}}]
+
+
+def test_children_are_owned_and_never_carry_the_parents_labels() -> None:
+    w = workload(lft(), Settings(), Placement())
+    for obj in w.in_creation_order():
+        meta = obj["metadata"]
+        assert meta["ownerReferences"] == [{"apiVersion": "llamaops.io/v1alpha1", "kind": "LlamaFineTune",
+                                            "name": "llama31-8b-lora", "uid": "uid-1", "controller": True,
+                                            "blockOwnerDeletion": True}]
+        assert "app.kubernetes.io/instance" not in meta["labels"]
+        assert meta["labels"]["llamaops.io/finetune"] == "llama31-8b-lora"
+    assert [o["kind"] for o in w.in_creation_order()][-1] == "Job"
+
+
+def test_trainer_role_reaches_only_its_own_object() -> None:
+    w = workload(lft(), Settings(), Placement())
+    assert w.role["rules"] == [
+        {"apiGroups": ["llamaops.io"], "resources": ["llamafinetunes"], "resourceNames": ["llama31-8b-lora"],
+         "verbs": ["get"]},
+        {"apiGroups": ["llamaops.io"], "resources": ["llamafinetunes/status"], "resourceNames": ["llama31-8b-lora"],
+         "verbs": ["get", "patch"]}]
+    assert w.role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "llama31-8b-lora-trainer",
+                                           "namespace": "team-a"}]
+    assert pod(w.job)["serviceAccountName"] == "llama31-8b-lora-trainer"
+
+
+def test_pod_is_restricted_and_keeps_tokens_in_secrets() -> None:
+    p = pod(workload(lft(), Settings(), Placement()).job)
+    ctr = p["containers"][0]
+    assert p["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                    "seccompProfile": {"type": "RuntimeDefault"}}
+    assert ctr["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                      "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    token = next(e for e in ctr["env"] if e["name"] == "HF_TOKEN")
+    assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}}
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in p["volumes"]
+
+
+def test_kueue_placement_suspends_the_job_with_the_queue_label() -> None:
+    job = workload(lft(), Settings(), Placement(kueue_queue="team-a-queue")).job
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
+    assert "affinity" not in pod(job)
+
+
+def test_spec_configmap_spells_out_every_default() -> None:
+    cm = workload(lft(), Settings(trainer_image="registry.local/trainer:1"), Placement()).config_map
+    doc = yaml.safe_load(cm["data"]["spec.yaml"])
+    assert doc["metadata"] == {"name": "llama31-8b-lora", "namespace": "team-a", "generation": 3}
+    assert doc["spec"]["training"]["save_steps"] == 100 and doc["spec"]["quantization"]["load_in_4bit"] is False
+
+
+def test_image_override_and_adapter_location() -> None:
+    w = workload(lft(), Settings(trainer_image="registry.local/trainer:1"), Placement())
+    assert pod(w.job)["containers"][0]["image"] == "registry.local/trainer:1"
+    assert adapter_uri(lft()) == "pvc://adapters/team-a/llama31-8b-lora/adapter"
