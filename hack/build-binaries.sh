@@ -3,6 +3,8 @@
 # cache directory keyed by the pinned versions; prints that directory.
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  (k8s.io/kubernetes)
 #   etcd (go.etcd.io/etcd/server/v3), kwok, helm
+#   kueue (sigs.k8s.io/kueue; see build_kueue), its CRDs in kueue-crds/ and
+#   its manager's RBAC roles in kueue-rbac/
 # A second run with the same versions builds nothing.
 set -euo pipefail
 
@@ -16,11 +18,16 @@ command -v go >/dev/null 2>&1 || die "the Go toolchain is missing: install Go >=
 goversion=$(go env GOVERSION)
 
 cache_root=${LLAMAOPS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llamaops}
-key="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_${goversion}"
+key="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_kueue-${KUEUE_VERSION}_${goversion}"
 out="$cache_root/bin/$key"
-tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm)
+tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm kueue)
 
-have_all() { local t; for t in "${tools[@]}"; do [ -x "$out/$t" ] || return 1; done; }
+have_crds() { compgen -G "$out/kueue-crds/*.yaml" >/dev/null; }
+have_all() {
+  local t
+  for t in "${tools[@]}"; do [ -x "$out/$t" ] || return 1; done
+  have_crds && [ -f "$out/kueue-rbac/role.yaml" ]
+}
 if have_all; then echo "$out"; exit 0; fi
 
 mkdir -p "$out"
@@ -124,16 +131,104 @@ GO
 build_install() { # name module@version [ldflags]
   local name=$1 pkg=$2 ld=${3:-"-s -w"}
   [ -x "$out/$name" ] && return 0
-  check_proxy "${pkg%%/cmd/*}@${pkg##*@}"
+  local module="${pkg%%/cmd/*}@${pkg##*@}"
+  check_proxy "$module"
+  local toolchain
+  toolchain=$(toolchain_for "$(go list -m -f '{{.GoVersion}}' "$module" 2>/dev/null || true)")
   log "building $name ${pkg##*@}"
-  GOBIN="$work/gobin" go install -trimpath -ldflags "$ld" "$pkg"
+  GOTOOLCHAIN=$toolchain GOBIN="$work/gobin" go install -trimpath -ldflags "$ld" "$pkg"
   mv "$work/gobin/$name" "$out/$name"
+}
+
+# The GOTOOLCHAIN for a module whose go.mod says `go <version>`: ours (the
+# caller's setting) when it is new enough, else that release, which the go
+# command fetches from the module proxy for this one build.
+toolchain_for() {
+  local need=$1 have=${goversion#go}
+  if [ -z "$need" ] || [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -n 1)" = "$need" ]; then
+    echo "${GOTOOLCHAIN:-}"
+    return
+  fi
+  [[ $need == *.*.* ]] || need="$need.0"
+  log "a module needs go $need; building it with go$need"
+  echo "go$need"
+}
+
+build_kueue() {
+  [ -x "$out/kueue" ] && return 0
+  local v=$KUEUE_VERSION mod="$work/kueue"
+  check_proxy "sigs.k8s.io/kueue@$v"
+  local dir
+  dir=$(go mod download -json "sigs.k8s.io/kueue@$v" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  [ -f "$dir/cmd/kueue/main.go" ] || die "could not download sigs.k8s.io/kueue@$v"
+  # Out of a cluster, with its internal certificate management off, Kueue reads
+  # its metrics serving certificate from a fixed path, /etc/kueue/metrics/certs;
+  # the webhook's directory is configurable, this one is not. The manager is
+  # built from a copy of its main package whose one change makes that path
+  # $LLAMAOPS_KUEUE_METRICS_CERT_DIR when set (the fixed path otherwise); every other
+  # package comes unchanged from the pinned module.
+  local fixed='metricsCertPath := "/etc/kueue/metrics/certs"'
+  [ "$(grep -cF "$fixed" "$dir/cmd/kueue/main.go")" = 1 ] || \
+    die "sigs.k8s.io/kueue@$v cmd/kueue/main.go no longer sets its metrics certificate path as expected ('$fixed'); review the patch in $0"
+  rm -rf "$mod"
+  mkdir -p "$mod"
+  local goline toolchain
+  goline=$(sed -n 's/^go \([0-9.]*\)$/\1/p' "$dir/go.mod")
+  toolchain=$(toolchain_for "$goline")
+  cat > "$mod/go.mod" <<GO
+module llamaops.local/kueue-build
+
+go $goline
+
+require sigs.k8s.io/kueue $v
+GO
+  sed "s#$fixed#metricsCertPath := metricsCertDir()#" "$dir/cmd/kueue/main.go" > "$mod/main.go"
+  cat > "$mod/metrics_cert_dir.go" <<'GO'
+package main
+
+import "os"
+
+// metricsCertDir is where the metrics server's tls.crt and tls.key are.
+func metricsCertDir() string {
+	if dir := os.Getenv("LLAMAOPS_KUEUE_METRICS_CERT_DIR"); dir != "" {
+		return dir
+	}
+	return "/etc/kueue/metrics/certs"
+}
+GO
+  (cd "$mod" && GOTOOLCHAIN=$toolchain go mod tidy >/dev/null 2>"$work/kueue-tidy.err") || { cat "$work/kueue-tidy.err" >&2; die "go mod tidy failed for kueue $v"; }
+  log "building kueue $v"
+  local ld="-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$v"
+  (cd "$mod" && GOTOOLCHAIN=$toolchain go build -trimpath -ldflags "$ld" -o "$out/kueue.tmp" .) && mv "$out/kueue.tmp" "$out/kueue"
+}
+
+copy_kueue_manifests() {
+  have_crds && [ -f "$out/kueue-rbac/role.yaml" ] && return 0
+  local v=$KUEUE_VERSION dir
+  # The module's CRDs and the manager's RBAC roles, so the launcher can apply
+  # them without a module cache.
+  dir=$(go mod download -json "sigs.k8s.io/kueue@$v" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  compgen -G "$dir/config/components/crd/bases/*.yaml" >/dev/null || die "no CRDs in sigs.k8s.io/kueue@$v (looked in $dir/config/components/crd/bases)"
+  local rbac=(role.yaml manager_secrets_role.yaml metrics_auth_role.yaml) f
+  for f in "${rbac[@]}"; do
+    [ -f "$dir/config/components/rbac/$f" ] || die "no config/components/rbac/$f in sigs.k8s.io/kueue@$v"
+  done
+  rm -rf "$out/kueue-crds.tmp" "$out/kueue-rbac.tmp"
+  mkdir -p "$out/kueue-crds.tmp" "$out/kueue-rbac.tmp"
+  cp "$dir"/config/components/crd/bases/*.yaml "$out/kueue-crds.tmp/"
+  for f in "${rbac[@]}"; do cp "$dir/config/components/rbac/$f" "$out/kueue-rbac.tmp/"; done
+  chmod 0644 "$out"/kueue-crds.tmp/*.yaml "$out"/kueue-rbac.tmp/*.yaml
+  rm -rf "$out/kueue-crds" "$out/kueue-rbac"
+  mv "$out/kueue-rbac.tmp" "$out/kueue-rbac"
+  mv "$out/kueue-crds.tmp" "$out/kueue-crds"
 }
 
 build_kubernetes
 build_etcd
 build_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
 build_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+build_kueue
+copy_kueue_manifests
 
 have_all || die "some binaries are missing in $out"
 echo "$out"

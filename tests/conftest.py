@@ -7,8 +7,11 @@ LLAMAOPS_HOME on ports shifted by $LLAMAOPS_TEST_PORT_OFFSET (default 100, so
 a dev cluster on the default ports can keep running), and stopped at the end.
 Binaries come from $LLAMAOPS_BIN_DIR, else hack/build-binaries.sh.
 
-Every test under tests/cluster, and every test using the `cluster` fixture,
-carries the `cluster` marker: `pytest -m "not cluster"` runs without one.
+`kueue_cluster` is a cluster with Kueue: the $KUBECONFIG one if Kueue is
+installed there, else a second local control plane started with Kueue.
+
+Every test under tests/cluster, and every test using the `cluster` or
+`kueue_cluster` fixture, carries the `cluster` marker: `pytest -m "not cluster"` runs without one.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         path = Path(str(item.path))
-        if CLUSTER_TESTS in path.parents or "cluster" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if CLUSTER_TESTS in path.parents or "cluster" in fixtures or "kueue_cluster" in fixtures:
             item.add_marker(pytest.mark.cluster)
 
 
@@ -106,6 +110,59 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def kubeconfig(cluster: Cluster) -> Path:
     return cluster.kubeconfig
+
+
+# The Kueue cluster's ports: above the session cluster's, below the launcher
+# tests' throwaway clusters (+100, +200).
+KUEUE_PORT_OFFSET_STEP = 50
+KUEUE_CRD = "workloads.kueue.x-k8s.io"
+
+
+def _has_kueue(kubeconfig: Path) -> bool:
+    from kubernetes import client
+    from kubernetes import config as kube_config
+    from kubernetes.client.exceptions import ApiException
+
+    with kube_config.new_client_from_config(config_file=str(kubeconfig)) as api:
+        try:
+            client.ApiextensionsV1Api(api).read_custom_resource_definition(KUEUE_CRD)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+    return True
+
+
+@pytest.fixture(scope="session")
+def kueue_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A cluster running Kueue: the one $KUBECONFIG names when Kueue is
+    installed there (skips when it is not), else a second local control plane
+    started with `kueue=True` on ports shifted by $LLAMAOPS_TEST_PORT_OFFSET + 50."""
+    kubeconfig = foreign_kubeconfig()
+    if kubeconfig is not None:
+        if not _has_kueue(kubeconfig):
+            pytest.skip(
+                f"the cluster of KUBECONFIG={kubeconfig} has no Kueue (no CRD {KUEUE_CRD}); "
+                "install Kueue there, or unset KUBECONFIG to test against a local control plane with Kueue"
+            )
+        yield Cluster(kubeconfig=kubeconfig, local=False)
+        return
+
+    from llamaops.devcluster import ClusterConfig, DevCluster, DevClusterError, Ports
+
+    binaries = request.getfixturevalue("bin_dir")
+    home = tmp_path_factory.mktemp("llamaops-kueue-home")
+    offset = int(os.environ.get(TEST_PORT_OFFSET_ENV, "100")) + KUEUE_PORT_OFFSET_STEP
+    config = ClusterConfig(ports=Ports().shifted(offset), kueue=True)
+    dev = DevCluster(home, bin_dir=binaries)
+    try:
+        path = dev.up(config, timeout=180)
+    except DevClusterError as exc:
+        pytest.fail(f"the local control plane with Kueue did not start: {exc}", pytrace=False)
+    try:
+        yield Cluster(kubeconfig=path, local=True, home=home, bin_dir=binaries, config=config)
+    finally:
+        dev.down()
 
 
 class KubectlError(subprocess.CalledProcessError):

@@ -28,6 +28,14 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.error_backoffs = [1, 2, 5, 10]
 
 
+@kopf.on.cleanup()
+async def report(logger: logging.Logger, **_: Any) -> None:
+    from llamaops.handlers.runtime import runtime
+
+    # Read by bench/operator_queue.py: API calls made by our own client (kopf's watches excluded).
+    logger.info("llamaops api requests: %d", runtime().kube.requests)
+
+
 def run(settings: Settings, *, verbose: bool = False) -> None:
     """Run until interrupted."""
     import llamaops.handlers  # noqa: F401  (registers the handlers)

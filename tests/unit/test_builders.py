@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import yaml
-
 from api_cases import example
 from llamaops.api import LlamaFineTune
 from llamaops.builders.finetune import Names, Placement, adapter_uri, workload

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from llamaops.devcluster import ClusterConfig, DevClusterError, NodePools, Ports
 from llamaops.devcluster.config import StateDir, default_home
@@ -8,7 +10,7 @@ from llamaops.devcluster.config import StateDir, default_home
 def test_default_ports_avoid_a_real_clusters_ports():
     ports = Ports()
     used = {p for ps in ports.by_component().values() for p in ps}
-    assert len(used) == 6
+    assert len(used) == 9
     assert not used & {2379, 2380, 6443, 10250, 10255, 10257, 10259}
     ports.validate()
 
@@ -18,6 +20,22 @@ def test_shifted_moves_every_port():
     assert moved.apiserver == base.apiserver + 100
     assert moved.etcd_peer == base.etcd_peer + 100
     assert moved.kwok == base.kwok + 100
+
+
+def test_clusters_on_offsets_50_apart_share_no_port():
+    # Test sessions run clusters at $LLAMAOPS_TEST_PORT_OFFSET plus 0, 50
+    # (with Kueue), 100 and 200; engineers use offsets 100 apart.
+    base = set(dataclasses.astuple(Ports()))
+    for step in range(50, 1001, 50):
+        assert not base & set(dataclasses.astuple(Ports().shifted(step))), step
+
+
+def test_kueue_is_optional():
+    assert "kueue" not in ClusterConfig().components()
+    assert "kueue" not in ClusterConfig().component_ports()
+    config = ClusterConfig(kueue=True)
+    assert config.components()[-1] == "kueue"
+    assert config.component_ports()["kueue"] == [Ports.kueue_health, Ports.kueue_webhook, Ports.kueue_metrics]
 
 
 def test_port_clash_is_rejected():
@@ -36,11 +54,20 @@ def test_node_pools_validation():
 def test_config_round_trips_through_the_state_dir(tmp_path):
     state = StateDir(tmp_path)
     assert state.load_config() is None
-    config = ClusterConfig(ports=Ports().shifted(7), nodes=NodePools(gpu_nodes=4, gpu_product="NVIDIA-A100-SXM4-80GB"))
+    config = ClusterConfig(ports=Ports().shifted(7), nodes=NodePools(gpu_nodes=4, gpu_product="NVIDIA-A100-SXM4-80GB"), kueue=True)
     state.save_config(config)
     assert state.load_config() == config
     assert state.kubeconfig == tmp_path / "dev-cluster" / "kubeconfig"
     assert state.log_file("etcd") == tmp_path / "dev-cluster" / "logs" / "etcd.log"
+
+
+def test_config_written_before_kueue_loads(tmp_path):
+    state = StateDir(tmp_path)
+    state.root.mkdir(parents=True)
+    state.config_file.write_text("version: 1\nports: {apiserver: 20000}\nnodes: {gpu_nodes: 1}\n")
+    config = state.load_config()
+    assert config is not None and not config.kueue
+    assert config.ports.apiserver == 20000 and config.ports.kueue_health == Ports.kueue_health
 
 
 def test_overrides_replace_only_given_fields():
@@ -49,6 +76,9 @@ def test_overrides_replace_only_given_fields():
     assert config.ports.etcd == Ports().etcd
     assert config.nodes.cpu_nodes == 0
     assert config.nodes.gpu_nodes == NodePools().gpu_nodes
+    assert not config.kueue
+    assert config.with_overrides(kueue=True).kueue
+    assert config.with_overrides(kueue=True).with_overrides(kueue=None).kueue
 
 
 def test_home_comes_from_llamaops_home(monkeypatch, tmp_path):

@@ -50,3 +50,19 @@ def test_generated_pki(tmp_path):
     sa_pub = serialization.load_pem_public_key(paths.sa_pub.read_bytes())
     assert sa_pub.public_numbers() == sa_key.public_key().public_numbers()
     assert paths.ca_key.stat().st_mode & 0o077 == 0
+
+
+def test_local_serving_and_client_certs(tmp_path):
+    paths = pki.generate(tmp_path / "pki")
+    pki.issue_client_cert(paths, "kueue", pki.ClientIdentity("llamaops-kueue"))
+    client = load(paths.client_cert("kueue"))
+    client.verify_directly_issued_by(load(paths.ca_cert))
+    assert subject(client, NameOID.COMMON_NAME) == ["llamaops-kueue"]
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    pki.issue_serving_cert(paths, "llamaops-kueue", tmp_path / "certs" / "tls.crt", tmp_path / "certs" / "tls.key")
+    cert = load(tmp_path / "certs" / "tls.crt")
+    cert.verify_directly_issued_by(load(paths.ca_cert))
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in san.get_values_for_type(x509.IPAddress)
+    assert ExtendedKeyUsageOID.SERVER_AUTH in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert (tmp_path / "certs" / "tls.key").stat().st_mode & 0o077 == 0

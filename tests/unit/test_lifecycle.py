@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from api_cases import example
 from llamaops.api import LlamaFineTune
 from llamaops.lifecycle import Action, State, decide, run_hash

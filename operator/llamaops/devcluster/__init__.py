@@ -2,7 +2,8 @@
 
 Real etcd, kube-apiserver, kube-controller-manager and kube-scheduler run as
 local processes; kwok simulates the nodes (GPU nodes by default), so
-Deployments become Available and Jobs complete without a kubelet.
+Deployments become Available and Jobs complete without a kubelet. With
+`ClusterConfig(kueue=True)` Kueue runs too (see `llamaops.devcluster.kueue`).
 
     from llamaops.devcluster import DevCluster
     kubeconfig = DevCluster().up()

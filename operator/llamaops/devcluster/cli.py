@@ -14,7 +14,7 @@ from llamaops.devcluster.errors import DevClusterError
 app = typer.Typer(
     no_args_is_help=True,
     help="A local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) "
-    "with simulated GPU nodes (kwok). State lives in $LLAMAOPS_HOME/dev-cluster (default ~/.llamaops).",
+    "with simulated GPU nodes (kwok), optionally with Kueue. State lives in $LLAMAOPS_HOME/dev-cluster (default ~/.llamaops).",
 )
 
 ENV = "LLAMAOPS_DEV_CLUSTER_"
@@ -49,6 +49,18 @@ def up(
     controller_manager_port: Annotated[int | None, _port("controller-manager", f"kube-controller-manager port (default {Ports.controller_manager})")] = None,
     scheduler_port: Annotated[int | None, _port("scheduler", f"kube-scheduler port (default {Ports.scheduler})")] = None,
     kwok_port: Annotated[int | None, _port("kwok", f"kwok health port (default {Ports.kwok})")] = None,
+    kueue: Annotated[
+        bool | None,
+        typer.Option(
+            "--kueue/--no-kueue",
+            envvar=f"{ENV}KUEUE",
+            help="Also run Kueue (its CRDs and controller manager; jobs queue through LocalQueues). Default: off.",
+            show_default=False,
+        ),
+    ] = None,
+    kueue_health_port: Annotated[int | None, _port("kueue-health", f"Kueue health probe port (default {Ports.kueue_health})")] = None,
+    kueue_webhook_port: Annotated[int | None, _port("kueue-webhook", f"Kueue webhook server port (default {Ports.kueue_webhook})")] = None,
+    kueue_metrics_port: Annotated[int | None, _port("kueue-metrics", f"Kueue metrics port (default {Ports.kueue_metrics})")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a Ready cluster.")] = 120.0,
 ) -> None:
     """Start the cluster (or find it running); print the kubeconfig path.
@@ -61,7 +73,7 @@ def up(
     try:
         config = cluster.config()
         if port_offset is not None:
-            config = ClusterConfig(ports=Ports().shifted(port_offset), nodes=config.nodes)
+            config = ClusterConfig(ports=Ports().shifted(port_offset), nodes=config.nodes, kueue=config.kueue)
         config = config.with_overrides(
             ports={
                 "apiserver": apiserver_port,
@@ -70,6 +82,9 @@ def up(
                 "controller_manager": controller_manager_port,
                 "scheduler": scheduler_port,
                 "kwok": kwok_port,
+                "kueue_health": kueue_health_port,
+                "kueue_webhook": kueue_webhook_port,
+                "kueue_metrics": kueue_metrics_port,
             },
             nodes={
                 "gpu_nodes": gpu_nodes,
@@ -78,6 +93,7 @@ def up(
                 "gpu_memory_mib": gpu_memory,
                 "cpu_nodes": cpu_nodes,
             },
+            kueue=kueue,
         )
         path = cluster.up(config, timeout=timeout)
     except DevClusterError as exc:
@@ -108,7 +124,7 @@ def status() -> None:
         state = "stopped" if not s.running else ("running" if s.healthy else "unhealthy")
         pid = f"pid {s.pid}" if s.running else ""
         ports = ",".join(map(str, s.ports))
-        typer.echo(f"{s.name:<24} {state:<9} {pid:<11} port {ports:<12} log {s.log}")
+        typer.echo(f"{s.name:<24} {state:<9} {pid:<11} port {ports:<17} log {s.log}")
     kc = cluster.kubeconfig
     typer.echo(f"kubeconfig: {kc}{'' if kc.exists() else ' (missing)'}")
     if not all(s.running and s.healthy for s in states):

@@ -1,7 +1,7 @@
 """`up`, `down` and `status` of the local control plane.
 
     etcd -> kube-apiserver (/readyz) -> kube-controller-manager, kube-scheduler,
-    kwok -> nodes Ready -> kubeconfig path
+    kwok -> nodes Ready [-> Kueue's CRDs and RBAC -> kueue (/readyz)] -> kubeconfig path
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
-from llamaops.devcluster import binaries, components, kubeconfig, nodes, pki, processes
+from llamaops.devcluster import binaries, components, kubeconfig, kueue, nodes, pki, processes
 from llamaops.devcluster.config import ClusterConfig, StateDir
 from llamaops.devcluster.errors import DevClusterError
 from llamaops.devcluster.net import HOST, APIClient, APIError, http_ok, port_in_use, wait_ports_free
@@ -77,7 +77,7 @@ class DevCluster:
         config = self.config()
         by_component = config.ports.by_component()
         out = []
-        for name in components.COMPONENTS:
+        for name in config.components():
             pid = self._pid(name)
             running = processes.is_running(pid, name)
             healthy = False
@@ -90,10 +90,11 @@ class DevCluster:
         return out
 
     def is_up(self) -> bool:
-        """Every component runs and the API server is ready."""
-        if not all(self._running(n) for n in components.COMPONENTS):
+        """Every component of the configuration runs and the API server is ready."""
+        config = self.config()
+        if not all(self._running(n) for n in config.components()):
             return False
-        return self._apiserver_ready(self.config())
+        return self._apiserver_ready(config)
 
     def _apiserver_ready(self, config: ClusterConfig) -> bool:
         if not pki.PKIPaths(self.state.pki).complete():
@@ -124,6 +125,8 @@ class DevCluster:
             config = config or self.config()
             config.validate()
             bin_dir = binaries.resolve(self._bin_dir)
+            if config.kueue:
+                kueue.check_binaries(bin_dir)
             self._check_ports(config)
             started = time.monotonic()
             try:
@@ -132,7 +135,8 @@ class DevCluster:
                 self._say("start-up failed; stopping what was started")
                 self._stop_all()
                 raise
-            self._say(f"ready in {time.monotonic() - started:.1f}s: {len(nodes.manifests(config.nodes))} nodes; kubeconfig: {self.kubeconfig}")
+            extra = ", kueue" if config.kueue else ""
+            self._say(f"ready in {time.monotonic() - started:.1f}s: {len(nodes.manifests(config.nodes))} nodes{extra}; kubeconfig: {self.kubeconfig}")
             return self.kubeconfig
 
     def _leftovers(self) -> bool:
@@ -141,7 +145,7 @@ class DevCluster:
         )
 
     def _check_ports(self, config: ClusterConfig) -> None:
-        taken = [(port, name) for name, ports in config.ports.by_component().items() for port in ports if port_in_use(port)]
+        taken = [(port, name) for name, ports in config.component_ports().items() for port in ports if port_in_use(port)]
         if taken:
             detail = ", ".join(f"{port} ({name})" for port, name in taken)
             noun, verb = ("port", "is") if len(taken) == 1 else ("ports", "are")
@@ -240,6 +244,20 @@ class DevCluster:
         for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
             url = components.health(name, config).url
             self._wait(f"{name} {url}", lambda url=url: http_ok(url), deadline, name)
+        if config.kueue:
+            self._start_kueue(config, bin_dir, paths, deadline)
+
+    def _start_kueue(self, config: ClusterConfig, bin_dir: Path, paths: pki.PKIPaths, deadline: float) -> None:
+        # The Workload CRD is 1.4 MB: give its apply more than the default 5s.
+        client = self._client(config, timeout=60.0)
+        self._say(f"installing Kueue's CRDs and RBAC (namespace {kueue.NAMESPACE})")
+        crds = kueue.install(client, bin_dir)
+        self._wait("Kueue's CRDs to be Established", lambda: kueue.crds_established(client, crds), deadline, "kube-apiserver")
+        kueue.write_files(self.state, config, paths, components.apiserver_url(config))
+        self._say(f"starting kueue (health {HOST}:{config.ports.kueue_health})")
+        self._spawn(kueue.spec(self.state, bin_dir))
+        url = components.health("kueue", config).url
+        self._wait(f"kueue {url}", lambda: http_ok(url), deadline, "kueue")
 
     # ----------------------------------------------------------------- down
 
@@ -277,7 +295,7 @@ class DevCluster:
                 proc.wait(timeout=1)
         self._procs.clear()
         config = self.config()
-        ports = [p for ps in config.ports.by_component().values() for p in ps]
+        ports = [p for ps in config.component_ports().values() for p in ps]
         if pids:
             still = wait_ports_free(ports, timeout=15)
             if still:

@@ -8,16 +8,17 @@ from pathlib import Path
 import yaml
 
 from llamaops.devcluster import kubeconfig, kwok_stages
-from llamaops.devcluster.config import ClusterConfig, StateDir
+from llamaops.devcluster.config import CORE_COMPONENTS, OPTIONAL_COMPONENTS, ClusterConfig, StateDir
 from llamaops.devcluster.net import HOST
 from llamaops.devcluster.nodes import KWOK_NODE_SELECTOR
 from llamaops.devcluster.pki import SERVICE_CLUSTER_IP_RANGE, PKIPaths
 from llamaops.devcluster.processes import ProcessSpec
 
-# Start order.
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+# Every component there is, in start order (optional ones run only when the
+# configuration asks for them: `ClusterConfig.components()`).
+COMPONENTS = CORE_COMPONENTS + OPTIONAL_COMPONENTS
 # Stop order: each group goes down before the next is signalled.
-STOP_PHASES = (("kwok", "kube-scheduler", "kube-controller-manager"), ("kube-apiserver",), ("etcd",))
+STOP_PHASES = (("kueue", "kwok", "kube-scheduler", "kube-controller-manager"), ("kube-apiserver",), ("etcd",))
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubectl")
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -47,6 +48,8 @@ def health(component: str, config: ClusterConfig) -> Health:
         "kube-controller-manager": Health(f"https://{HOST}:{p.controller_manager}/healthz"),
         "kube-scheduler": Health(f"https://{HOST}:{p.scheduler}/healthz"),
         "kwok": Health(f"http://{HOST}:{p.kwok}/healthz"),
+        # Ready once its webhook server serves (controller-runtime's readyz).
+        "kueue": Health(f"http://{HOST}:{p.kueue_health}/readyz"),
     }[component]
 
 

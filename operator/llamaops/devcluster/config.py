@@ -35,6 +35,10 @@ class Ports:
     controller_manager: int = 16257
     scheduler: int = 16259
     kwok: int = 16247
+    # Kueue (`up --kueue` only): health probes, webhook server, metrics.
+    kueue_health: int = 16261
+    kueue_webhook: int = 16263
+    kueue_metrics: int = 16265
 
     def shifted(self, offset: int) -> Ports:
         """Every port moved by `offset`: a second cluster next to the first."""
@@ -48,6 +52,7 @@ class Ports:
             "kube-controller-manager": [self.controller_manager],
             "kube-scheduler": [self.scheduler],
             "kwok": [self.kwok],
+            "kueue": [self.kueue_health, self.kueue_webhook, self.kueue_metrics],
         }
 
     def validate(self) -> None:
@@ -82,30 +87,61 @@ class NodePools:
             raise DevClusterError("--gpu-memory must not be negative")
 
 
+# The core components, in start order; optional ones come after them.
+CORE_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+OPTIONAL_COMPONENTS = ("kueue",)
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     ports: Ports = field(default_factory=Ports)
     nodes: NodePools = field(default_factory=NodePools)
+    # Also run Kueue (its CRDs and controller manager) once the core is Ready.
+    kueue: bool = False
 
     def validate(self) -> None:
         self.ports.validate()
         self.nodes.validate()
 
+    def components(self) -> tuple[str, ...]:
+        """The components this configuration runs, in start order."""
+        return CORE_COMPONENTS + (("kueue",) if self.kueue else ())
+
+    def component_ports(self) -> dict[str, list[int]]:
+        """The ports of the components this configuration runs."""
+        by_component = self.ports.by_component()
+        return {name: by_component[name] for name in self.components()}
+
     def to_dict(self) -> dict[str, Any]:
-        return {"version": CONFIG_VERSION, "ports": dataclasses.asdict(self.ports), "nodes": dataclasses.asdict(self.nodes)}
+        return {
+            "version": CONFIG_VERSION,
+            "ports": dataclasses.asdict(self.ports),
+            "nodes": dataclasses.asdict(self.nodes),
+            "kueue": self.kueue,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClusterConfig:
         try:
-            return cls(ports=Ports(**(data.get("ports") or {})), nodes=NodePools(**(data.get("nodes") or {})))
+            return cls(
+                ports=Ports(**(data.get("ports") or {})),
+                nodes=NodePools(**(data.get("nodes") or {})),
+                kueue=bool(data.get("kueue", False)),
+            )
         except TypeError as exc:
             raise DevClusterError(f"unrecognised dev cluster config: {exc}") from exc
 
-    def with_overrides(self, *, ports: dict[str, int] | None = None, nodes: dict[str, Any] | None = None) -> ClusterConfig:
+    def with_overrides(
+        self, *, ports: dict[str, int] | None = None, nodes: dict[str, Any] | None = None, kueue: bool | None = None
+    ) -> ClusterConfig:
         """A copy with the given fields replaced; `None` values are left alone."""
         p = {k: v for k, v in (ports or {}).items() if v is not None}
         n = {k: v for k, v in (nodes or {}).items() if v is not None}
-        return ClusterConfig(ports=dataclasses.replace(self.ports, **p), nodes=dataclasses.replace(self.nodes, **n))
+        return ClusterConfig(
+            ports=dataclasses.replace(self.ports, **p),
+            nodes=dataclasses.replace(self.nodes, **n),
+            kueue=self.kueue if kueue is None else kueue,
+        )
 
 
 class StateDir:

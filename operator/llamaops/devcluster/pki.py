@@ -40,13 +40,18 @@ class ClientIdentity:
 # The identities the components authenticate as. The API server's RBAC
 # bootstrap policy already grants system:kube-controller-manager and
 # system:kube-scheduler what they need; system:masters is cluster-admin;
-# kwok gets a ClusterRole of its own (see cluster.py).
+# kwok gets a ClusterRole of its own (see cluster.py). Optional components
+# (Kueue) get theirs from `issue_client_cert` when they are started.
 CLIENTS: dict[str, ClientIdentity] = {
     "admin": ClientIdentity("llamaops-admin", ("system:masters",)),
     "kube-controller-manager": ClientIdentity("system:kube-controller-manager"),
     "kube-scheduler": ClientIdentity("system:kube-scheduler"),
     "kwok": ClientIdentity("kwok-controller"),
 }
+# Names and addresses of the serving certificates of local components (Kueue's
+# webhook and metrics servers), which listen on the loopback address only.
+LOCAL_SERVING_DNS_NAMES = ("localhost",)
+LOCAL_SERVING_IPS = ("127.0.0.1", "::1")
 
 
 class PKIPaths:
@@ -162,6 +167,35 @@ def _issue(
     if san is not None:
         builder = builder.add_extension(san, critical=False)
     return builder.sign(ca_key, hashes.SHA256())
+
+
+def _load_ca(paths: PKIPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{paths.ca_key} is not an EC key")
+    return ca_cert, ca_key
+
+
+def issue_client_cert(paths: PKIPaths, name: str, ident: ClientIdentity) -> None:
+    """A client certificate for `ident`, at `paths.client_cert(name)`, signed by the cluster CA."""
+    ca_cert, ca_key = _load_ca(paths)
+    key = _ec_key()
+    cert = _issue(ca_cert, ca_key, _name(ident.common_name, ident.organizations), key, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    _write(paths.client_key(name), _key_pem(key), private=True)
+    _write(paths.client_cert(name), _cert_pem(cert))
+
+
+def issue_serving_cert(paths: PKIPaths, common_name: str, cert_file: Path, key_file: Path) -> None:
+    """A serving certificate for a component on the loopback address, signed by the cluster CA."""
+    ca_cert, ca_key = _load_ca(paths)
+    key = _ec_key()
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName(n) for n in LOCAL_SERVING_DNS_NAMES] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in LOCAL_SERVING_IPS]
+    )
+    cert = _issue(ca_cert, ca_key, _name(common_name), key, usage=ExtendedKeyUsageOID.SERVER_AUTH, san=san)
+    _write(key_file, _key_pem(key), private=True)
+    _write(cert_file, _cert_pem(cert))
 
 
 def generate(root: Path) -> PKIPaths:
