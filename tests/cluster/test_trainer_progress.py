@@ -1,0 +1,114 @@
+"""The trainer patches status.progress of its LlamaFineTune on a real API server.
+
+The trainer runs here as a local process (no pod): KUBECONFIG points it at the
+cluster under test, LLAMAOPS_NAME/NAMESPACE name the object, and
+LLAMAOPS_PVC_ROOT stands in for the claims the pod would mount.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[2]
+MAX_STEPS = 16
+# The real entry point, each micro-step slowed so progress can be watched while it trains.
+SLOW_TRAINER = """
+import sys, time
+from llamaops_trainer import training
+step = training.LlamaOpsTrainer.training_step
+def slow(self, *args, **kwargs):
+    time.sleep(0.4)
+    return step(self, *args, **kwargs)
+training.LlamaOpsTrainer.training_step = slow
+from llamaops_trainer.main import run
+sys.exit(run())
+"""
+
+
+@pytest.fixture(scope="module")
+def crds(kubectl) -> None:
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/llamafinetunes.llamaops.io")
+
+
+def _manifest(name: str) -> dict:
+    return {
+        "apiVersion": "llamaops.io/v1alpha1",
+        "kind": "LlamaFineTune",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"base_model": "pvc://demo/models/tiny-llama", "torch_dtype": "float32"},
+            "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+            "training": {"max_steps": MAX_STEPS, "per_device_train_batch_size": 4, "learning_rate": 2e-2,
+                         "max_seq_length": 256, "gradient_checkpointing": False, "bf16": False,
+                         "logging_steps": 1, "save_steps": 8},
+            "systemPrompt": "You answer in one sentence.",
+            "dataset": {"pvc": {"claimName": "demo", "path": "datasets/chat.jsonl"}},
+            "resources": {"gpusPerNode": 0},
+            "output": {"pvc": {"claimName": "demo", "path": "adapters/" + name}},
+        },
+    }
+
+
+def _progress(kubectl, namespace: str, name: str) -> dict:
+    obj = json.loads(kubectl("get", "-n", namespace, "llamafinetune", name, "-o", "json").stdout)
+    return (obj.get("status") or {}).get("progress") or {}
+
+
+def test_trainer_reports_progress_on_the_object(crds, kubectl, kubeconfig: Path, namespace: str,
+                                                tmp_path: Path) -> None:
+    pytest.importorskip("torch", reason="needs the trainer extra")
+    from llamaops_trainer import tiny
+
+    root = tmp_path / "pvc"
+    tiny.write_model(root / "demo" / "models" / "tiny-llama")
+    tiny.write_jsonl(root / "demo" / "datasets" / "chat.jsonl", tiny.synthetic_chats(128, max_filler=12))
+    name = "tiny-progress"
+    doc = _manifest(name)
+    kubectl("apply", "--server-side", "--field-manager=test", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LLAMAOPS_NAME": name, "LLAMAOPS_NAMESPACE": namespace,
+           "LLAMAOPS_PVC_ROOT": str(root), "LLAMAOPS_DATA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("LLAMAOPS_OUTPUT_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAINER, "--spec", str(spec)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[dict] = []
+    deadline = time.monotonic() + 300
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            progress = _progress(kubectl, namespace, name)
+            if progress and (not seen or progress != seen[-1]):
+                seen.append(progress)
+            time.sleep(0.5)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+
+    assert seen, "no status.progress while the trainer ran"
+    assert seen[0]["step"] < MAX_STEPS, "progress appeared while training, not only at the end"
+    final = _progress(kubectl, namespace, name)
+    assert final["step"] == MAX_STEPS and final["totalSteps"] == MAX_STEPS
+    assert final["display"] == f"{MAX_STEPS}/{MAX_STEPS}"
+    assert isinstance(final["loss"], float) and final["loss"] > 0
+    assert final["learningRate"] > 0 and final["tokensPerSecond"] > 0 and final["etaSeconds"] == 0
+    assert final["updatedAt"].endswith("Z")
+    # Output went where the pod would put it: the output claim's path.
+    assert (root / "demo" / "adapters" / name / "adapter" / "COMPLETE").is_file()
+    # No credential ever reaches the log.
+    token = yaml.safe_load(kubeconfig.read_text())["users"][0]["user"].get("token")
+    if token:
+        assert token not in output

@@ -1,0 +1,83 @@
+"""Helpers shared by the trainer tests: the tiny run's spec, and ways to run the trainer."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CLAIM = "demo"
+MODEL = "models/tiny-llama"
+MODEL_NO_PAD = "models/tiny-llama-nopad"
+DATASET = "datasets/chat.jsonl"
+
+BASE_MANIFEST: dict[str, Any] = {
+    "apiVersion": "llamaops.io/v1alpha1",
+    "kind": "LlamaFineTune",
+    "metadata": {"name": "tiny"},
+    "spec": {
+        "model": {"base_model": f"pvc://{CLAIM}/{MODEL}", "torch_dtype": "float32"},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "training": {
+            "max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 2e-2, "max_seq_length": 256,
+            "gradient_checkpointing": False, "logging_steps": 5, "save_steps": 20, "save_total_limit": 2,
+            "warmup_steps": 0, "lr_scheduler_type": "constant",
+        },
+        "systemPrompt": "You answer in one sentence.",
+        "dataset": {"pvc": {"claimName": CLAIM, "path": DATASET}},
+        "resources": {"gpusPerNode": 0},
+        "output": {"pvc": {"claimName": CLAIM, "path": "out/tiny"}},
+    },
+}
+
+
+def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge; a None value deletes the key."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def manifest(**spec_patch: Any) -> dict[str, Any]:
+    return merge(BASE_MANIFEST, {"spec": spec_patch})
+
+
+def write_spec(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_in_process(doc: dict[str, Any], tmp_path: Path, output: Path | None = None) -> tuple[int, Path]:
+    """Runs the trainer's main in this process (fast: no second torch import). Returns (exit code, output)."""
+    from llamaops_trainer.main import run
+
+    out = output or tmp_path / "out"
+    spec = write_spec(tmp_path / "spec.yaml", doc)
+    return run(["--spec", str(spec), "--output-dir", str(out)]), out
+
+
+def trainer_command(spec: Path, output: Path) -> list[str]:
+    return [sys.executable, "-m", "llamaops_trainer", "--spec", str(spec), "--output-dir", str(output)]
+
+
+def run_subprocess(doc: dict[str, Any], tmp_path: Path, env: dict[str, str], timeout: float = 300,
+                   output: Path | None = None) -> subprocess.CompletedProcess:
+    out = output or tmp_path / "out"
+    spec = write_spec(tmp_path / "spec.yaml", doc)
+    return subprocess.run(trainer_command(spec, out), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(metrics_file: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, metrics_file.read_text().splitlines()) if "loss" in r]

@@ -1,0 +1,5 @@
+import sys
+
+from llamaops_trainer.main import run
+
+sys.exit(run())

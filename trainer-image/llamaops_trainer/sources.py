@@ -1,0 +1,178 @@
+"""Fetching the dataset's records from a PVC, an HTTP(S) URL, S3 or the Hugging Face Hub.
+
+Every source ends as a list of Records (a JSON object plus where it came from,
+for error messages). Problems with the data itself are BadData, a source that
+cannot exist (a missing path, a 404) is BadConfig naming the spec field, and
+network trouble is Retryable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llamaops.api.contract import pvc_path
+from llamaops.api.finetune import DatasetSpec
+
+from llamaops_trainer import s3
+from llamaops_trainer.distributed import WorldInfo, local_main_first
+from llamaops_trainer.errors import BadConfig, BadData, Retryable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Record:
+    where: str  # "file.jsonl:12" or "dataset[12]"
+    value: Any
+
+
+def cache_dir() -> Path:
+    """Downloads land here; ranks on one node share it (local rank 0 fetches first)."""
+    root = Path(os.environ.get("LLAMAOPS_DATA_CACHE", Path(tempfile.gettempdir()) / "llamaops-data"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def read_jsonl(path: Path, label: str | None = None) -> Iterator[Record]:
+    label = label or path.name
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise BadData(f"{label}:{lineno}: not UTF-8 text") from None
+                if not line:
+                    continue
+                try:
+                    yield Record(f"{label}:{lineno}", json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise BadData(f"{label}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except IsADirectoryError:
+        raise BadData(f"{label}: is a directory") from None
+
+
+def jsonl_files(path: Path, field: str) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+        if not files:
+            raise BadData(f"{path}: directory holds no *.jsonl file")
+        return files
+    raise BadConfig(field, f"{path} does not exist (is the claim populated?)")
+
+
+def _records_from_files(files: Iterable[Path], root: Path | None = None) -> list[Record]:
+    records: list[Record] = []
+    for f in files:
+        label = str(f.relative_to(root)) if root and f != root and root in f.parents else f.name
+        records.extend(read_jsonl(f, label))
+    return records
+
+
+def _fetch_http(url: str, sha256: str | None, dest: Path) -> Path:
+    if dest.is_file():
+        return dest
+    tmp = dest.with_name(dest.name + f".{os.getpid()}.part")
+    digest = hashlib.sha256()
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": "llamaops-trainer"})
+        with urllib.request.urlopen(req, timeout=60) as resp, tmp.open("wb") as f:  # noqa: S310 (spec URL)
+            while chunk := resp.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+    except urllib.error.HTTPError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.code in (400, 401, 403, 404, 410):
+            raise BadConfig("spec.dataset.http.url", f"HTTP {exc.code} {exc.reason} for {url}") from None
+        raise Retryable(f"downloading {url}: HTTP {exc.code} {exc.reason}") from None
+    except (TimeoutError, urllib.error.URLError, ConnectionError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise Retryable(f"downloading {url}: {exc}") from None
+    if sha256 and digest.hexdigest() != sha256:
+        tmp.unlink(missing_ok=True)
+        raise BadData(f"{url}: SHA-256 is {digest.hexdigest()}, spec.dataset.http.sha256 expects {sha256}")
+    tmp.replace(dest)
+    return dest
+
+
+def _fetch_s3(loc: Any, dest_dir: Path) -> list[Path]:
+    bucket, key = s3.parse_uri(loc.uri)
+    client = s3.S3Client(loc.endpoint, loc.region, s3.credentials_from_env())
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if key and not key.endswith("/"):
+            dest = dest_dir / Path(key).name
+            return [dest if dest.is_file() else client.download(bucket, key, dest)]
+        keys = sorted(k for k in client.list(bucket, key) if k.endswith(".jsonl"))
+        if not keys:
+            raise BadData(f"{loc.uri}: no *.jsonl object under this prefix")
+        paths = []
+        for i, k in enumerate(keys):
+            dest = dest_dir / f"{i:05d}-{Path(k).name}"
+            paths.append(dest if dest.is_file() else client.download(bucket, k, dest))
+        return paths
+    except s3.S3Error as exc:
+        if exc.status in (400, 403, 404):
+            raise BadConfig("spec.dataset.s3.uri", str(exc)) from None
+        raise Retryable(f"S3: {exc}") from None
+    except (TimeoutError, urllib.error.URLError, ConnectionError) as exc:
+        raise Retryable(f"S3 {loc.uri}: {exc}") from None
+
+
+def _records_from_hub(ds: Any) -> list[Record]:
+    import datasets
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        data = datasets.load_dataset(ds.name, ds.config, split=ds.split, revision=ds.revision,
+                                     token=os.environ.get("HF_TOKEN") or None)
+    except (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError, hub_errors.RevisionNotFoundError,
+            datasets.exceptions.DatasetNotFoundError) as exc:
+        raise BadConfig("spec.dataset.huggingFace.name", f"{ds.name}: {type(exc).__name__}") from None
+    except ValueError as exc:  # unknown split or config
+        raise BadConfig("spec.dataset.huggingFace", " ".join(str(exc).split())[:300]) from None
+    return [Record(f"{ds.name}[{i}]", row) for i, row in enumerate(data)]
+
+
+def load_records(spec: DatasetSpec, world: WorldInfo) -> list[Record]:
+    """All records of the dataset, in source order (files sorted by name)."""
+    if spec.pvc is not None:
+        root = Path(pvc_path(spec.pvc.claim_name, spec.pvc.path))
+        files = jsonl_files(root, "spec.dataset.pvc.path")
+        records = _records_from_files(files, root)
+        label = f"pvc://{spec.pvc.claim_name}/{spec.pvc.path}"
+    elif spec.http is not None:
+        # Keyed by URL and checksum: a changed sha256 in the spec never reuses an older download.
+        name = hashlib.sha256(f"{spec.http.url} {spec.http.sha256}".encode()).hexdigest()[:16] + ".jsonl"
+        with local_main_first(world):
+            path = _fetch_http(spec.http.url, spec.http.sha256, cache_dir() / name)
+        records = list(read_jsonl(path, spec.http.url.rsplit("/", 1)[-1] or spec.http.url))
+        label = spec.http.url
+    elif spec.s3 is not None:
+        sub = cache_dir() / ("s3-" + hashlib.sha256(spec.s3.uri.encode()).hexdigest()[:16])
+        with local_main_first(world):
+            files = _fetch_s3(spec.s3, sub)
+        records = _records_from_files(files)
+        label = spec.s3.uri
+    elif spec.hugging_face is not None:
+        with local_main_first(world):
+            records = _records_from_hub(spec.hugging_face)
+        label = spec.hugging_face.name
+    else:  # the API's CEL rule makes this unreachable
+        raise BadConfig("spec.dataset", "set exactly one dataset source: pvc, http, s3 or huggingFace")
+    if not records:
+        raise BadData(f"dataset {label} is empty: no JSON line found")
+    log.info("read %d records from %s", len(records), label)
+    return records

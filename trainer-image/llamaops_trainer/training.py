@@ -1,0 +1,123 @@
+"""TrainingArguments from spec.training, and the Trainer that counts real tokens."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from llamaops.api.finetune import FineTuneSpec
+from transformers import Trainer, TrainingArguments
+
+from llamaops_trainer.distributed import WorldInfo, backend, use_cuda
+from llamaops_trainer.errors import BadConfig
+from llamaops_trainer.model import GRADIENT_CHECKPOINTING_KWARGS
+
+
+def planned_steps(spec: FineTuneSpec, sequences: int, world: WorldInfo) -> int:
+    """Optimizer steps of the run, as Trainer will count them."""
+    t = spec.training
+    if t.max_steps > 0:
+        return t.max_steps
+    batches = math.ceil(sequences / (t.per_device_train_batch_size * world.world_size))
+    per_epoch = max(1, math.ceil(batches / t.gradient_accumulation_steps))
+    return max(1, math.ceil(per_epoch * t.num_train_epochs))
+
+
+def use_bf16(spec: FineTuneSpec) -> bool:
+    t = spec.training
+    if t.bf16 is not None:
+        return t.bf16
+    # Unset: on where the GPU has it; fp16 wins when the user asked for it.
+    return not t.fp16 and use_cuda() and torch.cuda.is_bf16_supported()
+
+
+def training_arguments(spec: FineTuneSpec, checkpoints_dir: Path, world: WorldInfo, steps: int,
+                       has_eval: bool) -> TrainingArguments:
+    t = spec.training
+    scheduler_kwargs: dict[str, Any] = {}
+    if t.lr_scheduler_type == "cosine_with_min_lr":
+        scheduler_kwargs = {"min_lr_rate": 0.1}
+    elif t.lr_scheduler_type == "warmup_stable_decay":
+        scheduler_kwargs = {"num_decay_steps": max(1, steps // 10)}
+    # transformers 5 folds warmup_ratio into warmup_steps (a float below 1 is a ratio).
+    warmup: float = t.warmup_steps if t.warmup_steps > 0 else min(t.warmup_ratio, 0.999)
+    eval_strategy = t.eval_strategy if has_eval else "no"
+    try:
+        return _arguments(t, checkpoints_dir, world, spec, warmup, scheduler_kwargs, eval_strategy)
+    except ValueError as exc:  # TrainingArguments checks combinations (precision, strategies) itself
+        raise BadConfig("spec.training", " ".join(str(exc).split())[:300]) from None
+
+
+def _arguments(t: Any, checkpoints_dir: Path, world: WorldInfo, spec: FineTuneSpec, warmup: float,
+               scheduler_kwargs: dict[str, Any], eval_strategy: str) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(checkpoints_dir),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=warmup,
+        lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        optim=t.optim,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS,
+        bf16=use_bf16(spec),
+        fp16=t.fp16,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        save_only_model=False,  # optimizer, scheduler and RNG state are what make resume exact
+        eval_strategy=eval_strategy,
+        eval_steps=(t.eval_steps or t.logging_steps) if eval_strategy == "steps" else None,
+        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=use_cuda(),
+        remove_unused_columns=False,  # our collator's keys are the model's inputs
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not use_cuda(),
+        ddp_backend=backend() if world.distributed else None,
+        ddp_find_unused_parameters=False,  # LoRA leaves frozen params without grads by design
+        report_to="none",
+        disable_tqdm=True,  # pod logs are read line by line
+        log_level="warning",  # info dumps whole model configs; our own log says what matters
+        log_level_replica="error",
+    )
+
+
+class LlamaOpsTrainer(Trainer):
+    """Trainer whose token count is the collator's count of real (non-pad) tokens.
+
+    With a 4D block mask the attention_mask no longer counts tokens, and packing
+    leaves almost no pads: "tokens seen" must mean trained tokens on either path.
+    """
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        inputs = {k: v for k, v in inputs.items() if k != "num_real_tokens"}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        inputs = {k: v for k, v in inputs.items() if k != "num_real_tokens"}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        real = inputs.get("num_real_tokens")
+        if real is None:
+            return super()._track_num_input_tokens(inputs)
+        n = torch.as_tensor(real, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
