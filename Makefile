@@ -4,7 +4,7 @@ PY    ?= python3
 VENV  ?= .venv
 BIN    = $(VENV)/bin
 
-.PHONY: venv binaries crds lint test unit cluster-up cluster-down clean
+.PHONY: venv binaries crds demo lint test unit cluster-up cluster-down clean
 
 $(BIN)/llamaops: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: venv
 	@LLAMAOPS_BIN_DIR=$$(hack/build-binaries.sh) && export LLAMAOPS_BIN_DIR && \
 	  $(BIN)/pytest -q -rs $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The main job on the local control plane (see hack/demo.sh); the cluster stays up.
+demo: venv
+	@hack/demo.sh
 
 cluster-up: venv
 	@LLAMAOPS_BIN_DIR=$$(hack/build-binaries.sh) $(BIN)/llamaops dev-cluster up

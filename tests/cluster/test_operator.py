@@ -148,10 +148,14 @@ def test_queue_orders_by_priority_then_age_and_admits_when_capacity_frees(c: Clu
              "queue positions 1, 2, 3")
     queued = next(x for x in c.status("low-old")["conditions"] if x["type"] == "Queued")
     assert queued["status"] == "True" and "position 2" in queued["message"]
+    # The trainer reports what only it knows (a PiSSA export has twice the rank), as its last act.
+    c.kubectl("patch", "-n", c.ns, "lft", "whole-cluster", "--subresource=status", "--type=merge",
+              "-p", '{"status": {"adapter": {"r": 64, "baseModel": "meta-llama/Llama-3.1-8B-Instruct"}}}')
     c.finish_pods("whole-cluster")
     status = c.wait_phase("whole-cluster", "Succeeded")
     assert status["adapter"]["uri"] == f"pvc://adapters/{c.ns}/whole-cluster/adapter"
-    assert status["adapter"]["baseModel"] == "meta-llama/Llama-3.1-8B-Instruct" and status["adapter"]["r"] == 32
+    assert status["adapter"]["baseModel"] == "meta-llama/Llama-3.1-8B-Instruct" and status["adapter"]["r"] == 64
+    assert status["adapter"]["loraAlpha"] == 64
     for name in ("high-new", "low-old", "low-new"):
         assert c.wait_phase(name, "Running", timeout=15).get("queuePosition") is None
 

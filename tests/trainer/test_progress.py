@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -76,10 +77,14 @@ def test_training_patches_progress(fake_api: type[FakeCustomObjects], tmp_path: 
     monkeypatch.setenv("LLAMAOPS_NAMESPACE", "team-a")
     fake_api.fail_first = 1  # the API server hiccups once: training goes on
     caplog.set_level(logging.INFO)
-    code, _ = run_in_process(manifest(training={"max_steps": 10, "logging_steps": 2}), tmp_path)
+    code, out = run_in_process(manifest(training={"max_steps": 10, "logging_steps": 2}), tmp_path)
     assert code == 0
-    bodies = [c["body"]["status"]["progress"] for c in fake_api.calls]
+    bodies = [c["body"]["status"]["progress"] for c in fake_api.calls if "progress" in c["body"]["status"]]
     assert all(c["target"][2:] == ("team-a", "llamafinetunes", "tiny") for c in fake_api.calls)
+    # Last, the adapter as only the trainer knows it: its real rank (what vLLM's --max-lora-rank must cover).
+    adapter = fake_api.calls[-1]["body"]["status"]["adapter"]
+    written = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == written["r"] and adapter["baseModel"] == written["base_model_name_or_path"]
     final = bodies[-1]
     assert final["step"] == 10 and final["totalSteps"] == 10 and final["display"] == "10/10"
     assert {"loss", "learningRate", "tokensPerSecond", "epoch", "updatedAt", "etaSeconds"} <= set(final)

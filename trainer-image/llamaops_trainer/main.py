@@ -231,6 +231,14 @@ def _run(args: argparse.Namespace, world: distributed.WorldInfo, stop: Any, stat
         if cfg.s3_output is not None:
             uri = export.upload_adapter(adapter, cfg.s3_output)
             log.info("adapter uploaded to %s", uri)
+        if reporter is not None:
+            # The adapter's real rank: PiSSA/OLoRA exports are converted to plain LoRA at twice r,
+            # and vLLM's --max-lora-rank must cover it.
+            rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+            reported = {"baseModel": spec.model.base_model, "r": rank, "loraAlpha": spec.lora.lora_alpha}
+            if cfg.s3_output is not None:
+                reported["uri"] = uri
+            reporter.report_adapter(reported)
         log.info("done: %s", json.dumps(run_info["metrics"], default=str))
     distributed.barrier()
     return EXIT_OK

@@ -92,6 +92,24 @@ class StatusReporter:
                 self._last_sent = time.monotonic()
             self._send(body)
 
+    def report_adapter(self, adapter: dict[str, Any], attempts: int = 3) -> bool:
+        """status.adapter, at the end: the operator completes it (URI of a PVC output) when the Job completes."""
+        from kubernetes import client
+
+        for attempt in range(attempts):
+            try:
+                api = client.CustomObjectsApi(_api_client())
+                api.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, self.namespace, PLURAL, self.name, {"status": {"adapter": adapter}},
+                    field_manager=FIELD_MANAGER, _content_type="application/merge-patch+json",
+                    _request_timeout=self.timeout_s)
+                return True
+            except Exception as exc:  # noqa: BLE001 - the adapter is saved; status is a courtesy
+                log.warning("could not report the adapter of %s/%s (%s)", self.namespace, self.name,
+                            type(exc).__name__)
+                time.sleep(1 + attempt)
+        return False
+
     def _send(self, progress: dict[str, Any]) -> None:
         try:
             from kubernetes import client
@@ -174,7 +192,8 @@ class ProgressCallback(TrainerCallback):
         for src, dst in (("loss", "loss"), ("learning_rate", "learningRate"), ("tokens_per_second", "tokensPerSecond")):
             value = record.get(src)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                progress[dst] = float(value)
+                # Four significant digits: what `kubectl get` shows, and all a status needs.
+                progress[dst] = float(f"{value:.4g}")
         self.last_progress = progress
         if self.reporter is not None:
             self.reporter.publish(progress, final=final)

@@ -19,6 +19,9 @@ from llamaops.queue import QueuedRun, admit, free_capacity
 from llamaops.queue.capacity import pod_gpu_request
 
 log = logging.getLogger(__name__)
+# Concurrent API writes of one admission pass: a wave of admissions or queue
+# position updates goes out together instead of one round trip at a time.
+PARALLEL_WRITES = 16
 
 
 def _wake() -> None:
@@ -104,26 +107,40 @@ class Admitter:
                     by_name[n].free = max(by_name[n].free - gpus, 0)
         decision = admit(queued, capacity, self.rt.settings.backfill_limit)
         self.rt.overtaken = decision.overtaken
-        for key, nodes in decision.admitted.items():
+        gate = asyncio.Semaphore(PARALLEL_WRITES)
+
+        async def admit_one(key: str, nodes: list[str]) -> None:
             gpus = next(q.gpus_per_node for q in queued if q.key == key)
             self.in_flight[key] = (nodes, gpus)
-            try:
-                await self._admit(key, nodes)
-            except Exception:  # one bad run must not stop the queue
-                log.exception("admitting %s failed", key)
-                self.in_flight.pop(key, None)
+            async with gate:
+                try:
+                    await self._admit(key, nodes)
+                except Exception:  # one bad run must not stop the queue
+                    log.exception("admitting %s failed", key)
+                    self.in_flight.pop(key, None)
+
+        async def report_position(key: str, position: int, reason: str) -> None:
+            ns, name = key.split("/", 1)
+            conditions = st.set_condition(runs[key]["conditions"], st.QUEUED, True, "Queued",
+                                          f"position {position}: {reason}")
+            async with gate:
+                try:
+                    await self.rt.kube.patch_status(PLURAL, ns, name,
+                                                    {"queuePosition": position, "conditions": conditions})
+                except Exception:  # noqa: BLE001  (retried on the next pass)
+                    log.exception("reporting the queue position of %s failed", key)
+                    self.positions.pop(key, None)
+
+        writes = [admit_one(key, nodes) for key, nodes in decision.admitted.items()]
         for key, position in decision.positions.items():
             reason = decision.reasons.get(key, "")
             if self.positions.get(key) != (position, reason) and runs.get(key, {}).get("phase") == "Queued":
                 self.positions[key] = (position, reason)
-                ns, name = key.split("/", 1)
-                conditions = st.set_condition(runs[key]["conditions"], st.QUEUED, True, "Queued",
-                                              f"position {position}: {reason}")
-                await self.rt.kube.patch_status(PLURAL, ns, name,
-                                                {"queuePosition": position, "conditions": conditions})
+                writes.append(report_position(key, position, reason))
         for key in list(self.positions):
             if key not in decision.positions:
                 del self.positions[key]
+        await asyncio.gather(*writes)
 
     async def _admit(self, key: str, nodes: list[str]) -> None:
         ns, name = key.split("/", 1)

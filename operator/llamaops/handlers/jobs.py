@@ -76,8 +76,11 @@ async def job_event(type: str, body: kopf.Body, namespace: str, logger: logging.
     if _job_condition(body, "Complete"):
         if phase == "Succeeded":
             return
-        adapter = {"uri": adapter_uri(lft) or "", "baseModel": lft.spec.model.base_model, "r": lft.spec.lora.r,
-                   "loraAlpha": lft.spec.lora.lora_alpha}
+        # The trainer reports what only it knows (the adapter's real rank, an S3 location);
+        # the operator fills in the rest.
+        reported = status.get("adapter") or {}
+        adapter = {"baseModel": lft.spec.model.base_model, "r": lft.spec.lora.r, "loraAlpha": lft.spec.lora.lora_alpha,
+                   **reported, "uri": reported.get("uri") or adapter_uri(lft) or ""}
         if lft.spec.system_prompt:
             adapter["systemPrompt"] = lft.spec.system_prompt
         conditions = st.set_condition(conditions, st.RUNNING, False, "Completed", "", gen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from llamaops.api import LlamaFineTune
@@ -22,11 +23,11 @@ def parse(body: Any) -> LlamaFineTune:
 
 
 async def create_workload(rt: Runtime, lft: LlamaFineTune, placement: Placement) -> None:
-    for manifest in workload(lft, rt.settings, placement).in_creation_order():
-        if manifest["kind"] == "Job":
-            await rt.kube.create(manifest)  # its pod template is immutable: a new spec means a new Job
-        else:
-            await rt.kube.apply(manifest)
+    w = workload(lft, rt.settings, placement)
+    # Everything the Job's pods use first (together), then the Job. The Job is created, not
+    # applied: its pod template is immutable, and a changed spec gets a new Job.
+    await asyncio.gather(*(rt.kube.apply(m) for m in w.in_creation_order() if m["kind"] != "Job"))
+    await rt.kube.create(w.job)
 
 
 async def remove_job(rt: Runtime, lft: LlamaFineTune) -> bool:
