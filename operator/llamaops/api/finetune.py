@@ -321,7 +321,8 @@ class Progress(KubeModel):
 
 
 class AdapterStatus(KubeModel):
-    uri: str = Field(description="pvc://<claim>/<path> or s3://bucket/prefix of the saved adapter.")
+    uri: str | None = Field(None, description="pvc://<claim>/<path> or s3://bucket/prefix of the saved adapter "
+                                              "(the trainer may report the rest before the operator fills it in).")
     base_model: str
     r: int
     lora_alpha: int | None = None
