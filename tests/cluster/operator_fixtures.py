@@ -9,29 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 from api_cases import example
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float = 30, interval: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 class OperatorProcess:
@@ -40,12 +31,23 @@ class OperatorProcess:
     def __init__(self, kubeconfig: Path, log: Path, env: dict[str, str]) -> None:
         self.kubeconfig, self.log, self.env = kubeconfig, log, env
         self.proc: subprocess.Popen | None = None
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
 
     def start(self) -> None:
-        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), **self.env)
+        """Start it and wait until its liveness endpoint answers."""
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), LLAMAOPS_LIVENESS_PORT=str(self.port), **self.env)
         out = self.log.open("a")
         self.proc = subprocess.Popen([sys.executable, "-m", "llamaops", "operator"], env=env,
                                      stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        wait_until(self.alive, f"the operator's liveness endpoint\n{self.tail()}", timeout=60)
+
+    def alive(self) -> bool:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status == 200
+        except OSError:
+            return False
 
     def stop(self, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:
@@ -85,7 +87,7 @@ class Cluster:
         return (self.get("lft", name) or {}).get("status") or {}
 
     def wait_phase(self, name: str, phase: str, timeout: float = 30) -> dict[str, Any]:
-        return wait_for(lambda: self.status(name) if self.status(name).get("phase") == phase else None,
+        return wait_until(lambda: self.status(name) if self.status(name).get("phase") == phase else None,
                         f"{name} to be {phase} (status: {self.status(name)})", timeout)
 
     def volumes(self, *claims: str) -> None:
@@ -103,7 +105,7 @@ class Cluster:
                         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
                                  "resources": {"requests": {"storage": "1Gi"}}}})
         for claim in claims:
-            wait_for(lambda c=claim: (self.get("pvc", c) or {}).get("status", {}).get("phase") == "Bound",
+            wait_until(lambda c=claim: (self.get("pvc", c) or {}).get("status", {}).get("phase") == "Bound",
                      f"claim {claim} bound")
 
     def run(self, name: str, base: str = "llama-3.1-8b-lora.yaml", *, gpus: int = 1, nodes: int = 1,
@@ -126,7 +128,7 @@ class Cluster:
 
     def finish_pods(self, name: str, exit_code: int = 0, message: str = "") -> None:
         """Write a terminal status on the run's pods, as the kubelet would when the trainer exits."""
-        pods = wait_for(lambda: [p for p in self.pods(name) if p["status"].get("phase") == "Running"],
+        pods = wait_until(lambda: [p for p in self.pods(name) if p["status"].get("phase") == "Running"],
                         f"running pods of {name}")
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for pod in pods:
@@ -151,4 +153,4 @@ def gpu_pods_gone(kubectl) -> Iterator[None]:
         pods = json.loads(kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
         return not [p for p in pods if p["status"].get("phase") not in ("Succeeded", "Failed") and any(
             (c.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu") for c in p["spec"]["containers"])]
-    wait_for(none_left, "GPU pods of earlier tests to go away", timeout=120, interval=1)
+    wait_until(none_left, "GPU pods of earlier tests to go away", timeout=120, interval=1)

@@ -14,13 +14,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -32,21 +32,6 @@ PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 SESSION_OFFSET = int(os.environ.get("LLAMAOPS_TEST_PORT_OFFSET", "100"))
 PORT_TAKEN_OFFSET = SESSION_OFFSET + 100
 DYING_COMPONENT_OFFSET = SESSION_OFFSET + 200
-
-T = TypeVar("T")
-
-
-def wait_until(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.2) -> T:
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
 
 def pinned_versions() -> dict[str, str]:
     out = {}

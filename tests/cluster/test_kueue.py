@@ -14,13 +14,14 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kubernetes import client
 from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 from llamaops.devcluster import kueue
+from waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -29,20 +30,6 @@ IMAGE = "busybox:1.36"
 # kwok leaves pods with this label Running (see llamaops.devcluster.kwok_stages).
 HOLD_LABEL = "llamaops.io/finetune"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
-
-T = TypeVar("T")
-
-
-def wait_until(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
 
 @pytest.fixture(scope="module")
 def kapi(kueue_cluster) -> Iterator[client.ApiClient]:

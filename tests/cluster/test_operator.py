@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from operator_fixtures import REPO, Cluster, OperatorProcess, gpu_pods_gone, wait_for
+from operator_fixtures import REPO, Cluster, OperatorProcess, gpu_pods_gone, wait_until
 
 pytestmark = pytest.mark.cluster
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -29,26 +27,12 @@ def ops_ns(kubectl) -> Iterator[str]:
     kubectl("delete", "pv", "-l", f"llamaops.dev/test-ns={name}", "--wait=false", check=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def operator(ops_ns: str, kubeconfig: Path, kubectl, tmp_path_factory) -> Iterator[OperatorProcess]:
     gpu_pods_gone(kubectl)
-    port = _free_port()
     proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", {
-        "LLAMAOPS_NAMESPACES": ops_ns, "LLAMAOPS_LIVENESS_PORT": str(port), "LLAMAOPS_ADMISSION_INTERVAL": "1"})
+        "LLAMAOPS_NAMESPACES": ops_ns, "LLAMAOPS_ADMISSION_INTERVAL": "1"})
     proc.start()
-
-    def alive() -> bool:
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).status == 200
-        except OSError:
-            return False
-    wait_for(alive, f"the operator's liveness endpoint\n{proc.tail()}", timeout=60)
     yield proc
     proc.stop()
 
@@ -67,14 +51,10 @@ def c(operator: OperatorProcess, ops_ns: str, kubectl, volumes: Path, request) -
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(f"--- operator log ---\n{operator.tail(150)}")
-    t0 = time.monotonic()
     kubectl("delete", "lft", "--all", "-n", ops_ns, "--wait=true", "--timeout=60s")
-    t1 = time.monotonic()
-    wait_for(lambda: not (cluster.get("jobs") or {}).get("items"), "jobs to be collected", timeout=60)
-    t2 = time.monotonic()
+    wait_until(lambda: not (cluster.get("jobs") or {}).get("items"), "jobs to be collected", timeout=60)
     kubectl("delete", "pods", "--all", "-n", ops_ns, "--grace-period=0", "--force", check=False)
-    wait_for(lambda: not (cluster.get("pods") or {}).get("items"), "pods to go", timeout=60)
-    print(f"teardown: lft {t1-t0:.1f}s jobs {t2-t1:.1f}s pods {time.monotonic()-t2:.1f}s")
+    wait_until(lambda: not (cluster.get("pods") or {}).get("items"), "pods to go", timeout=60)
 
 
 def _args(job: dict) -> list[str]:
@@ -134,7 +114,7 @@ def test_invalid_spec_fails_naming_every_field_and_creates_nothing(c: Cluster) -
     assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
     assert "spec.resources.gpusPerNode" in valid["message"] and "spec.lora.target_modules[0]" in valid["message"]
     assert c.job("too-big") is None and c.get("configmap", "too-big-spec") is None
-    wait_for(lambda: any(e["reason"] == "InvalidSpec" for e in c.events("too-big")), "an InvalidSpec event")
+    wait_until(lambda: any(e["reason"] == "InvalidSpec" for e in c.events("too-big")), "an InvalidSpec event")
 
 
 def test_queue_orders_by_priority_then_age_and_admits_when_capacity_frees(c: Cluster) -> None:
@@ -144,7 +124,7 @@ def test_queue_orders_by_priority_then_age_and_admits_when_capacity_frees(c: Clu
     time.sleep(1.1)  # creation timestamps have one-second resolution
     c.run("high-new", gpus=1, priority=5)
     c.run("low-new", gpus=1, priority=0)
-    wait_for(lambda: [c.status(n).get("queuePosition") for n in ("high-new", "low-old", "low-new")] == [1, 2, 3],
+    wait_until(lambda: [c.status(n).get("queuePosition") for n in ("high-new", "low-old", "low-new")] == [1, 2, 3],
              "queue positions 1, 2, 3")
     queued = next(x for x in c.status("low-old")["conditions"] if x["type"] == "Queued")
     assert queued["status"] == "True" and "position 2" in queued["message"]
@@ -164,10 +144,10 @@ def test_gang_waits_for_whole_nodes_counting_foreign_gpu_pods(c: Cluster) -> Non
     c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "someone-else"}, "spec": {
         "nodeName": "gpu-node-1", "containers": [{"name": "x", "image": "registry.k8s.io/pause:3.10",
                                                   "resources": {"limits": {"nvidia.com/gpu": 1}}}]}})
-    wait_for(lambda: (c.get("pod", "someone-else") or {}).get("status", {}).get("phase") == "Running", "foreign pod")
+    wait_until(lambda: (c.get("pod", "someone-else") or {}).get("status", {}).get("phase") == "Running", "foreign pod")
     c.run("gang", gpus=8, nodes=2)
     c.wait_phase("gang", "Queued")
-    status = wait_for(lambda: c.status("gang") if c.status("gang").get("queuePosition") == 1 else None, "position")
+    status = wait_until(lambda: c.status("gang") if c.status("gang").get("queuePosition") == 1 else None, "position")
     queued = next(x for x in status["conditions"] if x["type"] == "Queued")
     assert "2 nodes with 8 free" in queued["message"] and "8, 7" in queued["message"]
     assert c.job("gang") is None
@@ -198,8 +178,8 @@ def test_infrastructure_failure_restarts_the_whole_gang(c: Cluster) -> None:
     c.wait_phase("flaky", "Running")
     first = c.job("flaky")["metadata"]["uid"]
     c.finish_pods("flaky", exit_code=1, message="NCCL error: unhandled system error")
-    wait_for(lambda: (c.job("flaky") or {}).get("metadata", {}).get("uid") not in (None, first), "a new Job")
-    status = wait_for(lambda: c.status("flaky") if c.status("flaky").get("restarts") == 1 else None, "restarts 1")
+    wait_until(lambda: (c.job("flaky") or {}).get("metadata", {}).get("uid") not in (None, first), "a new Job")
+    status = wait_until(lambda: c.status("flaky") if c.status("flaky").get("restarts") == 1 else None, "restarts 1")
     assert status["phase"] in ("Admitted", "Running")
     assert any(e["reason"] == "Restarting" for e in c.events("flaky"))
     # The restart budget spent, the next failure fails the run.
@@ -216,7 +196,7 @@ def test_suspend_frees_gpus_and_resume_requeues(c: Cluster) -> None:
     c.wait_phase("waiting", "Queued")
     c.kubectl("patch", "-n", c.ns, "lft", "pausable", "--type=merge", "-p", '{"spec": {"suspend": true}}')
     c.wait_phase("pausable", "Suspended")
-    wait_for(lambda: c.job("pausable") is None, "the Job of the suspended run to go")
+    wait_until(lambda: c.job("pausable") is None, "the Job of the suspended run to go")
     c.wait_phase("waiting", "Running", timeout=20)
     c.kubectl("patch", "-n", c.ns, "lft", "pausable", "--type=merge", "-p", '{"spec": {"suspend": false}}')
     status = c.wait_phase("pausable", "Queued")
@@ -231,7 +211,7 @@ def test_deleting_a_run_removes_its_workload_and_frees_its_place(c: Cluster) -> 
     c.run("next", gpus=8, nodes=2)
     c.wait_phase("next", "Queued")
     c.kubectl("delete", "lft", "-n", c.ns, "doomed")
-    wait_for(lambda: c.job("doomed") is None and c.get("configmap", "doomed-spec") is None, "children collected")
+    wait_until(lambda: c.job("doomed") is None and c.get("configmap", "doomed-spec") is None, "children collected")
     c.wait_phase("next", "Running", timeout=30)
 
 
@@ -241,7 +221,7 @@ def test_spec_edit_restarts_the_run_cleanly(c: Cluster) -> None:
     old = c.job("edited")
     doc["spec"]["training"]["learning_rate"] = 5e-5
     c.apply(doc)
-    new = wait_for(lambda: (j := c.job("edited")) and j["metadata"]["uid"] != old["metadata"]["uid"] and j,
+    new = wait_until(lambda: (j := c.job("edited")) and j["metadata"]["uid"] != old["metadata"]["uid"] and j,
                    "a Job for the edited spec")
     key = "llamaops.io/run-hash"
     assert new["metadata"]["annotations"][key] != old["metadata"]["annotations"][key]
@@ -264,7 +244,7 @@ def test_operator_restart_creates_no_duplicates_and_keeps_status(c: Cluster, ope
     before = {n: c.status(n) for n in ("running", "queued")}
     operator.restart(kill=True)
     c.run("late", gpus=1, priority=7)  # handled by the new process
-    wait_for(lambda: c.status("late").get("queuePosition") == 1, "the restarted operator to queue a new run")
+    wait_until(lambda: c.status("late").get("queuePosition") == 1, "the restarted operator to queue a new run")
     assert c.job("running")["metadata"]["uid"] == job_uid
     assert len((c.get("jobs") or {})["items"]) == 1
     after = {n: c.status(n) for n in ("running", "queued")}

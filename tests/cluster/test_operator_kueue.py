@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import secrets
-import socket
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kubernetes import config as kube_config
-from operator_fixtures import REPO, Cluster, OperatorProcess, wait_for
+from operator_fixtures import REPO, Cluster, OperatorProcess, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -37,19 +35,9 @@ def kc(kueue_cluster, kubectl, tmp_path_factory) -> Iterator[tuple[object, str, 
 @pytest.fixture(scope="module")
 def kueue_operator(kc, tmp_path_factory) -> Iterator[OperatorProcess]:
     kubectl, ns, kubeconfig = kc
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("kueue-operator") / "operator.log", {
-        "LLAMAOPS_NAMESPACES": ns, "LLAMAOPS_QUEUE_MODE": "kueue", "LLAMAOPS_LIVENESS_PORT": str(port)})
+        "LLAMAOPS_NAMESPACES": ns, "LLAMAOPS_QUEUE_MODE": "kueue"})
     proc.start()
-
-    def alive() -> bool:
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).status == 200
-        except OSError:
-            return False
-    wait_for(alive, "the operator's liveness endpoint", timeout=60)
     yield proc
     proc.stop()
 
@@ -64,13 +52,13 @@ def test_kueue_admits_runs_within_quota_and_llamaops_reflects_it(kc, kueue_opera
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team"
     assert job["spec"]["suspend"] is False  # Kueue let it go
     assert status.get("assignedNodes") is None  # placement is Kueue's, not ours
-    workloads = wait_for(lambda: [w for w in (c.get("workloads.kueue.x-k8s.io") or {}).get("items", [])
+    workloads = wait_until(lambda: [w for w in (c.get("workloads.kueue.x-k8s.io") or {}).get("items", [])
                                   if w["metadata"]["ownerReferences"][0]["name"] == "first-train"], "a Workload")
     assert any(x["type"] == "Admitted" and x["status"] == "True" for x in workloads[0]["status"]["conditions"])
 
     c.run("second", gpus=8, queue={"name": "team"})
     c.wait_phase("second", "Queued")
-    wait_for(lambda: (c.job("second") or {}).get("spec", {}).get("suspend") is True, "a suspended Job for the second")
+    wait_until(lambda: (c.job("second") or {}).get("spec", {}).get("suspend") is True, "a suspended Job for the second")
     assert c.status("second")["phase"] == "Queued"
 
     c.finish_pods("first")

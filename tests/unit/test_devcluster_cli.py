@@ -7,28 +7,7 @@ import socket
 import pytest
 from llamaops.cli import app
 from llamaops.devcluster import DevClusterError, binaries
-from llamaops.devcluster.components import BINARIES
 from typer.testing import CliRunner
-
-
-@pytest.fixture
-def stub_bin(tmp_path):
-    d = tmp_path / "bin"
-    d.mkdir()
-    for name in BINARIES:
-        f = d / name
-        f.write_text("#!/bin/sh\nexit 1\n")
-        f.chmod(0o755)
-    return d
-
-
-@pytest.fixture
-def env(tmp_path, stub_bin, monkeypatch):
-    monkeypatch.setenv("LLAMAOPS_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("LLAMAOPS_BIN_DIR", str(stub_bin))
-    for var in ("LLAMAOPS_DEV_CLUSTER_PORT_OFFSET", "LLAMAOPS_DEV_CLUSTER_APISERVER_PORT"):
-        monkeypatch.delenv(var, raising=False)
-    return tmp_path / "home"
 
 
 def test_taken_port_fails_before_starting_anything(env):

@@ -7,7 +7,6 @@ import pytest
 import yaml
 from llamaops.cli import app
 from llamaops.devcluster import ClusterConfig, DevClusterError, NodePools, Ports, kueue
-from llamaops.devcluster.components import BINARIES
 from llamaops.devcluster.config import StateDir
 from typer.testing import CliRunner
 
@@ -45,26 +44,6 @@ def kueue_files(bin_dir):
     (bin_dir / kueue.RBAC_DIR).mkdir()
     (bin_dir / kueue.RBAC_DIR / "role.yaml").write_text(ROLE)
     (bin_dir / kueue.RBAC_DIR / "manager_secrets_role.yaml").write_text(SECRETS_ROLE)
-
-
-@pytest.fixture
-def stub_bin(tmp_path):
-    d = tmp_path / "bin"
-    d.mkdir()
-    for name in BINARIES:
-        f = d / name
-        f.write_text("#!/bin/sh\nexit 1\n")
-        f.chmod(0o755)
-    return d
-
-
-@pytest.fixture
-def env(tmp_path, stub_bin, monkeypatch):
-    monkeypatch.setenv("LLAMAOPS_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("LLAMAOPS_BIN_DIR", str(stub_bin))
-    for var in ("LLAMAOPS_DEV_CLUSTER_PORT_OFFSET", "LLAMAOPS_DEV_CLUSTER_KUEUE"):
-        monkeypatch.delenv(var, raising=False)
-    return tmp_path / "home"
 
 
 def test_default_quota_covers_the_gpu_nodes():
