@@ -5,7 +5,9 @@
 #   etcd (go.etcd.io/etcd/server/v3), kwok, helm
 #   kueue (sigs.k8s.io/kueue; see build_kueue), its CRDs in kueue-crds/ and
 #   its manager's RBAC roles in kueue-rbac/
-# A second run with the same versions builds nothing.
+#   minio (github.com/minio/minio): the S3-compatible server of the trainer's S3 tests
+# A second run with the same versions builds nothing. With --cached it never
+# builds: it prints the directory when everything is there, else fails.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,9 +20,9 @@ command -v go >/dev/null 2>&1 || die "the Go toolchain is missing: install Go >=
 goversion=$(go env GOVERSION)
 
 cache_root=${LLAMAOPS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llamaops}
-key="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_kueue-${KUEUE_VERSION}_${goversion}"
+key="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_kueue-${KUEUE_VERSION}_minio-${MINIO_VERSION}_${goversion}"
 out="$cache_root/bin/$key"
-tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm kueue)
+tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm kueue minio)
 
 have_crds() { compgen -G "$out/kueue-crds/*.yaml" >/dev/null; }
 have_all() {
@@ -29,6 +31,7 @@ have_all() {
   have_crds && [ -f "$out/kueue-rbac/role.yaml" ]
 }
 if have_all; then echo "$out"; exit 0; fi
+[ "${1:-}" = "--cached" ] && die "nothing complete in $out yet; $0 (without --cached) builds it"
 
 mkdir -p "$out"
 work="$cache_root/build/$key"
@@ -128,10 +131,12 @@ GO
   (cd "$mod" && go build -trimpath -ldflags "$ld" -o "$out/etcd.tmp" .) && mv "$out/etcd.tmp" "$out/etcd"
 }
 
-build_install() { # name module@version [ldflags]
+build_install() { # name package@version [ldflags]
   local name=$1 pkg=$2 ld=${3:-"-s -w"}
   [ -x "$out/$name" ] && return 0
-  local module="${pkg%%/cmd/*}@${pkg##*@}"
+  # The module: the package path up to /cmd/ (the whole path for a main package at the module root).
+  local module="${pkg%@*}"
+  module="${module%%/cmd/*}@${pkg##*@}"
   check_proxy "$module"
   local toolchain
   toolchain=$(toolchain_for "$(go list -m -f '{{.GoVersion}}' "$module" 2>/dev/null || true)")
@@ -229,6 +234,9 @@ build_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "-s -w -X sigs.k8s.
 build_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 build_kueue
 copy_kueue_manifests
+# MinIO's RELEASE.* tags are not semantic versions, so the pin is a pseudo-version;
+# its go.mod has no replace lines, so `go install` builds it as published.
+build_install minio "github.com/minio/minio@$MINIO_VERSION"
 
 have_all || die "some binaries are missing in $out"
 echo "$out"

@@ -1,20 +1,27 @@
-"""Fixtures for the trainer tests: a tiny Llama with a Llama 3 tokenizer on a fake PVC root.
+"""Fixtures for the trainer tests: a tiny Llama with a Llama 3 tokenizer on a fake PVC root,
+and a real S3-compatible server (MinIO) on loopback.
 
 Nothing is downloaded: the model has random weights and the tokenizer is a small
-BPE trained on the synthetic chats (llamaops_trainer.tiny).
+BPE trained on the synthetic chats (llamaops_trainer.tiny). The minio binary comes
+from $LLAMAOPS_BIN_DIR, else hack/build-binaries.sh's cache (built there by
+`make binaries`), else PATH; the S3 tests skip without it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from llamaops.api.contract import ENV_NAME, ENV_NAMESPACE, ENV_OUTPUT_DIR, ENV_PVC_ROOT, ENV_SPEC
 from llamaops_trainer import tiny
-from trainer_helpers import CLAIM, DATASET, MODEL, MODEL_NO_PAD
+from trainer_helpers import CLAIM, DATASET, MODEL, MODEL_NO_PAD, S3Server, free_port, http_ok, minio_binary
 
 if importlib.util.find_spec("torch") is None:  # the trainer extra is not installed: nothing here can run
     collect_ignore_glob = ["test_*.py"]
@@ -71,3 +78,53 @@ def tokenizer_no_pad(pvc_root: Path) -> Any:
     return tok
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """MinIO on a free loopback port, with generated root credentials and one bucket."""
+    binary = minio_binary()
+    if binary is None:
+        pytest.skip("no minio binary for the S3 tests: `make binaries` (hack/build-binaries.sh, MINIO_VERSION in "
+                    "hack/versions.env) builds it; or set LLAMAOPS_BIN_DIR to a directory holding one, or put "
+                    "minio on PATH")
+    root = tmp_path_factory.mktemp("minio")
+    access_key, secret_key = "llamaops-" + secrets.token_hex(4), secrets.token_urlsafe(24)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "AWS_"))}
+    env |= {"MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key, "MINIO_BROWSER": "off",
+            "MINIO_UPDATE": "off", "HOME": str(root)}
+    log_path = root / "minio.log"
+    for _attempt in range(3):  # a port taken between choosing and binding it: try another
+        port = free_port()
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [str(binary), "server", str(root / "data"), "--address", f"127.0.0.1:{port}",
+                 "--console-address", f"127.0.0.1:{free_port()}", "--certs-dir", str(root / "certs"), "--quiet"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and not http_ok(f"{endpoint}/minio/health/live"):
+            time.sleep(0.1)
+        if proc.poll() is None and http_ok(f"{endpoint}/minio/health/live"):
+            break
+        proc.kill()
+        proc.wait()
+    else:
+        pytest.fail(f"minio did not start; its log:\n{log_path.read_text()[-3000:]}", pytrace=False)
+    try:
+        server = S3Server(endpoint, access_key, secret_key, "llamaops-test")
+        server.client().create_bucket(Bucket=server.bucket)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Server:
+    """The S3 server with its credentials in the environment and a private data cache."""
+    s3_server.env(monkeypatch)
+    monkeypatch.setenv("LLAMAOPS_DATA_CACHE", str(tmp_path / "data-cache"))
+    return s3_server

@@ -1,153 +1,91 @@
-"""Dataset sources other than a PVC: HTTP(S) with a checksum, S3 (SigV4), a datasets-loadable location."""
+"""Dataset sources other than a PVC: HTTP(S) with a checksum, S3 (a real MinIO), a datasets-loadable location."""
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import http.server
 import json
 import threading
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from llamaops.api.contract import EXIT_BAD_CONFIG, EXIT_RETRYABLE
 from llamaops.api.finetune import DatasetSpec
-from llamaops_trainer import s3, sources
+from llamaops_trainer import sources
 from llamaops_trainer.distributed import WorldInfo
-from llamaops_trainer.errors import BadConfig, BadData
+from llamaops_trainer.errors import BadConfig, BadData, Retryable
+from trainer_helpers import S3Server, aws_env, free_port
 
 ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-KEY, SECRET = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-
-
-def test_sigv4_matches_the_aws_documented_examples() -> None:
-    """The GetObject and ListObjects examples of the S3 SigV4 documentation."""
-    creds = s3.Credentials(KEY, SECRET)
-    when = dt.datetime(2013, 5, 24, tzinfo=dt.UTC)
-    get = s3.sign("GET", "https://examplebucket.s3.amazonaws.com/test.txt", {"Range": "bytes=0-9"},
-                  s3.EMPTY_SHA256, creds, "us-east-1", when)
-    assert get["Authorization"].endswith("SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
-                                         "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41")
-    listing = s3.sign("GET", "https://examplebucket.s3.amazonaws.com/?max-keys=2&prefix=J", {},
-                      s3.EMPTY_SHA256, creds, "us-east-1", when)
-    assert listing["Authorization"].endswith(
-        "Signature=34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7")
-
-
-class FakeS3(http.server.BaseHTTPRequestHandler):
-    """Path-style S3 on loopback: ListObjectsV2 (two pages), GetObject, PutObject; checks every request is signed."""
-
-    objects: dict[str, bytes] = {}
-    seen: list[str] = []
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _authorized(self) -> bool:
-        auth = self.headers.get("Authorization", "")
-        ok = auth.startswith(f"AWS4-HMAC-SHA256 Credential={KEY}/") and "x-amz-date" in auth
-        if not ok:
-            self.send_response(403)
-            self.end_headers()
-            self.wfile.write(b"<Error><Code>AccessDenied</Code></Error>")
-        return ok
-
-    def do_GET(self) -> None:  # noqa: N802
-        if not self._authorized():
-            return
-        url = urllib.parse.urlsplit(self.path)
-        bucket, _, key = url.path.lstrip("/").partition("/")
-        query = dict(urllib.parse.parse_qsl(url.query))
-        self.seen.append(f"GET {url.path}?{url.query}")
-        if query.get("list-type") == "2":
-            keys = sorted(k for k in self.objects if k.startswith(query.get("prefix", "")))
-            page, more = (keys[1:], False) if query.get("continuation-token") == "t1" else (keys[:1], len(keys) > 1)
-            ns = "http://s3.amazonaws.com/doc/2006-03-01/"
-            body = f'<ListBucketResult xmlns="{ns}">' + "".join(
-                f"<Contents><Key>{k}</Key></Contents>" for k in page)
-            body += f"<IsTruncated>{'true' if more else 'false'}</IsTruncated>"
-            body += "<NextContinuationToken>t1</NextContinuationToken>" if more else ""
-            payload = (body + "</ListBucketResult>").encode()
-        elif urllib.parse.unquote(key) in self.objects:
-            payload = self.objects[urllib.parse.unquote(key)]
-        else:
-            self.send_response(404)
-            self.end_headers()
-            self.wfile.write(b"<Error><Code>NoSuchKey</Code></Error>")
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def do_PUT(self) -> None:  # noqa: N802
-        if not self._authorized():
-            return
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        assert self.headers["x-amz-content-sha256"] == hashlib.sha256(body).hexdigest()
-        self.objects[urllib.parse.unquote(urllib.parse.urlsplit(self.path).path.split("/", 2)[2])] = body
-        self.send_response(200)
-        self.end_headers()
-
-
-@pytest.fixture
-def server() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeS3)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def _lines(*rows: dict) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def test_s3_prefix_lists_pages_and_downloads(server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("LLAMAOPS_DATA_CACHE", str(tmp_path))
-    FakeS3.objects = {"data/a.jsonl": _lines(ROW, ROW), "data/b.jsonl": _lines(ROW), "data/readme.txt": b"x"}
-    FakeS3.seen = []
-    spec = DatasetSpec.model_validate({"s3": {"uri": "s3://my-bucket/data/", "endpoint": server, "region": "eu-west-1"}})
-    records = sources.load_records(spec, WorldInfo())
-    assert len(records) == 3 and records[0].value == ROW
-    assert any("continuation-token=t1" in s for s in FakeS3.seen)
-    single = DatasetSpec.model_validate({"s3": {"uri": "s3://my-bucket/data/b.jsonl", "endpoint": server}})
-    assert len(sources.load_records(single, WorldInfo())) == 1
-    missing = DatasetSpec.model_validate({"s3": {"uri": "s3://my-bucket/data/nope.jsonl", "endpoint": server}})
-    with pytest.raises(BadConfig, match=r"spec.dataset.s3.uri: HTTP 404: NoSuchKey"):
-        sources.load_records(missing, WorldInfo())
+def _s3_spec(server: S3Server, key: str, **extra: str) -> DatasetSpec:
+    return DatasetSpec.model_validate({"s3": {"uri": f"s3://{server.bucket}/{key}", "endpoint": server.endpoint,
+                                              **extra}})
 
 
-def test_s3_without_credentials_is_refused(server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_WEB_IDENTITY_TOKEN_FILE",
-                "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
-        monkeypatch.delenv(var, raising=False)
+@pytest.fixture
+def s3_data(s3_env: S3Server) -> S3Server:
+    """Under data/: two JSONL files (2 and 1 records) and a file the prefix source ignores."""
+    client = s3_env.client()
+    for key, body in {"data/a.jsonl": _lines(ROW, ROW), "data/b.jsonl": _lines(ROW), "data/readme.txt": b"x"}.items():
+        client.put_object(Bucket=s3_env.bucket, Key=key, Body=body)
+    return s3_env
+
+
+def test_s3_object(s3_data: S3Server) -> None:
+    records = sources.load_records(_s3_spec(s3_data, "data/a.jsonl", region="eu-west-1"), WorldInfo())
+    assert [r.where for r in records] == ["a.jsonl:1", "a.jsonl:2"] and records[0].value == ROW
+
+
+def test_s3_prefix_reads_every_jsonl_in_key_order(s3_data: S3Server) -> None:
+    records = sources.load_records(_s3_spec(s3_data, "data/"), WorldInfo())
+    assert [r.where for r in records] == ["00000-a.jsonl:1", "00000-a.jsonl:2", "00001-b.jsonl:1"]
+    with pytest.raises(BadData, match="no \\*.jsonl object under this prefix"):
+        sources.load_records(_s3_spec(s3_data, "nothing-here/"), WorldInfo())
+
+
+def test_s3_missing_object_or_bucket_is_bad_config(s3_data: S3Server) -> None:
+    with pytest.raises(BadConfig, match=r"spec.dataset.s3.uri: s3://.*/data/nope.jsonl: (NoSuchKey|no such bucket)") as e:
+        sources.load_records(_s3_spec(s3_data, "data/nope.jsonl"), WorldInfo())
+    assert e.value.field == "spec.dataset.s3.uri" and e.value.exit_code == EXIT_BAD_CONFIG
+    missing_bucket = DatasetSpec.model_validate({"s3": {"uri": "s3://no-such-bucket/data/", "endpoint": s3_data.endpoint}})
+    with pytest.raises(BadConfig, match="spec.dataset.s3.uri: s3://no-such-bucket/data/: NoSuchBucket"):
+        sources.load_records(missing_bucket, WorldInfo())
+    # A prefix written without its trailing slash: the message says what to change.
+    with pytest.raises(BadConfig, match="is a prefix, not an object: end the URI with '/'"):
+        sources.load_records(_s3_spec(s3_data, "data"), WorldInfo())
+
+
+def test_s3_refused_credentials_are_retryable(s3_data: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    wrong = "wrong-" + s3_data.secret_key
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    with pytest.raises(Retryable, match="S3 refused the credentials for s3://.*: SignatureDoesNotMatch") as e:
+        sources.load_records(_s3_spec(s3_data, "data/a.jsonl"), WorldInfo())
+    assert e.value.exit_code == EXIT_RETRYABLE
+    assert wrong not in str(e.value) and s3_data.secret_key not in str(e.value)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    with pytest.raises(Retryable, match="S3 refused the credentials for s3://.*: InvalidAccessKeyId"):
+        sources.load_records(_s3_spec(s3_data, "data/"), WorldInfo())
+    # No credentials anywhere: unsigned requests, which a private bucket refuses.
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(Retryable, match="S3 refused the credentials for s3://.*: AccessDenied"):
+        sources.load_records(_s3_spec(s3_data, "data/a.jsonl"), WorldInfo())
+
+
+def test_s3_unreachable_endpoint_is_retryable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    aws_env(monkeypatch, "AKIAEXAMPLE", "not-a-secret")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setenv("LLAMAOPS_DATA_CACHE", str(tmp_path))
-    spec = DatasetSpec.model_validate({"s3": {"uri": "s3://my-bucket/x.jsonl", "endpoint": server}})
-    with pytest.raises(BadConfig, match="HTTP 403: AccessDenied"):
+    spec = DatasetSpec.model_validate({"s3": {"uri": "s3://bucket/x.jsonl", "endpoint": f"http://127.0.0.1:{free_port()}"}})
+    with pytest.raises(Retryable, match="S3 s3://bucket/x.jsonl: Could not connect to the endpoint URL"):
         sources.load_records(spec, WorldInfo())
-
-
-def test_s3_upload_puts_complete_last(server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from llamaops_trainer.export import upload_adapter
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    FakeS3.objects, FakeS3.seen = {}, []
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    for name in ("COMPLETE", "adapter_config.json", "adapter_model.safetensors"):
-        (adapter / name).write_text(name)
-    loc = DatasetSpec.model_validate({"s3": {"uri": "s3://out-bucket/runs/a b/", "endpoint": server}}).s3
-    assert upload_adapter(adapter, loc) == "s3://out-bucket/runs/a b/adapter"
-    assert list(FakeS3.objects)[-1] == "runs/a b/adapter/COMPLETE"
-    assert FakeS3.objects["runs/a b/adapter/adapter_config.json"] == b"adapter_config.json"
 
 
 class Files(http.server.SimpleHTTPRequestHandler):

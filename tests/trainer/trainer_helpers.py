@@ -1,14 +1,21 @@
-"""Helpers shared by the trainer tests: the tiny run's spec, and ways to run the trainer."""
+"""Helpers shared by the trainer tests: the tiny run's spec, ways to run the trainer, the S3 server's handle."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,3 +88,70 @@ def run_subprocess(doc: dict[str, Any], tmp_path: Path, env: dict[str, str], tim
 
 def losses(metrics_file: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, metrics_file.read_text().splitlines()) if "loss" in r]
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """The S3-compatible server of the tests (the `s3_server` fixture)."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str  # created empty for the session; tests write under their own prefixes
+
+    def env(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """This server's credentials in the environment, as the operator passes them."""
+        aws_env(monkeypatch, self.access_key, self.secret_key)
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                            config=Config(s3={"addressing_style": "path"}))
+
+
+def aws_env(monkeypatch: pytest.MonkeyPatch, access_key: str, secret_key: str) -> None:
+    """AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, and nothing else boto3 could pick up (profiles, instance metadata)."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
+
+
+def minio_binary() -> Path | None:
+    """MinIO for the S3 tests: $LLAMAOPS_BIN_DIR/minio, else the one hack/build-binaries.sh has built
+    (it builds nothing here: that takes minutes), else minio on PATH."""
+    dirs = [os.environ["LLAMAOPS_BIN_DIR"]] if os.environ.get("LLAMAOPS_BIN_DIR") else []
+    try:
+        proc = subprocess.run(["bash", str(REPO / "hack" / "build-binaries.sh"), "--cached"],
+                              capture_output=True, text=True, timeout=60)
+        if proc.returncode == 0 and proc.stdout.strip():
+            dirs.append(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    for d in dirs:
+        if os.access(Path(d) / "minio", os.X_OK):
+            return Path(d) / "minio"
+    found = shutil.which("minio")
+    return Path(found) if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (loopback)
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False

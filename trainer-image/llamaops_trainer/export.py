@@ -116,13 +116,17 @@ def export_adapter(model: Any, tokenizer: Any, output_dir: Path, base_model: str
 
 
 def upload_adapter(adapter: Path, s3_location: Any) -> str:
-    """Copies the adapter to s3://bucket/prefix/, the COMPLETE marker last."""
+    """Copies the adapter to s3://bucket/prefix/adapter/, the COMPLETE marker last.
+
+    A reader that finds COMPLETE under the prefix can trust every other file there.
+    """
     from llamaops_trainer import s3
 
     bucket, prefix = s3.parse_uri(s3_location.uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    client = s3.S3Client(s3_location.endpoint, s3_location.region, s3.credentials_from_env())
-    files = sorted(p for p in adapter.rglob("*") if p.is_file())
-    for f in sorted(files, key=lambda p: p.name == COMPLETE_MARKER):
-        client.upload(bucket, prefix + ADAPTER_DIR + "/" + str(f.relative_to(adapter)), f.read_bytes())
-    return f"s3://{bucket}/{prefix}{ADAPTER_DIR}"
+    dest = f"s3://{bucket}/{prefix}{ADAPTER_DIR}"
+    with s3.errors("spec.output.s3.uri", s3_location.uri):
+        client = s3.client(s3_location.endpoint, s3_location.region)
+        keys = s3.upload_dir(client, adapter, bucket, f"{prefix}{ADAPTER_DIR}/", last=COMPLETE_MARKER)
+    log.info("uploaded %d files to %s", len(keys), dest)
+    return dest

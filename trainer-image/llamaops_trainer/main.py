@@ -47,7 +47,8 @@ def setup_logging(world: distributed.WorldInfo) -> None:
         handler._llamaops = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("urllib3", "httpx", "filelock"):
+    # botocore's debug records hold request headers (session tokens): never below WARNING.
+    for noisy in ("urllib3", "httpx", "filelock", "botocore", "boto3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

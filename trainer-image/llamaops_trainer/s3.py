@@ -1,47 +1,47 @@
-"""A small S3 client (GetObject, ListObjectsV2, PutObject) signed with AWS Signature Version 4.
+"""S3 for datasets and adapter uploads, on boto3: AWS and S3-compatible stores (MinIO, Ceph).
 
-Why not boto3: every botocore release pins python-dateutil<3 while the
-kubernetes client (status patching) needs >=3, so the two cannot share one
-environment. S3 datasets and adapter uploads need three calls, which SigV4 over
-urllib covers for AWS and S3-compatible stores (MinIO, Ceph) alike.
+Credentials come from boto3's default chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
+(the operator fills them from the location's credentialsSecret), else the pod's
+identity (a web identity token for IRSA, the container credentials endpoint for
+EKS Pod Identity, instance metadata). Without any, requests go unsigned, which
+only public buckets answer.
 
-Credentials, in order: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY(/AWS_SESSION_TOKEN)
-(the operator fills these from spec.dataset.s3.credentialsSecret), a web identity
-token (IRSA: AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN), the container
-credentials endpoint (EKS Pod Identity), else unsigned requests (public buckets).
+Failures become the trainer's errors through `errors(field, uri)`: a missing
+bucket or object (or any other request the store rejects for good) is BadConfig
+naming the spec field, refused credentials and network or server trouble are
+Retryable. Messages carry the S3 error code and message, never a credential.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import hmac
-import json
-import os
-import urllib.error
-import urllib.parse
-import urllib.request
-import xml.etree.ElementTree as ET
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
-_S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+import boto3
+from boto3.exceptions import Boto3Error
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
 
+from llamaops_trainer.errors import BadConfig, Retryable
 
-@dataclass(frozen=True)
-class Credentials:
-    access_key: str
-    secret_key: str
-    session_token: str | None = None
+log = logging.getLogger(__name__)
 
-
-class S3Error(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
+# Error codes that mean the object or bucket is not there. HEAD requests (the
+# first call of a download) carry no body, so their code is the HTTP status.
+NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+# The store refused who we are: a rotated or not yet propagated Secret, an expired
+# web identity token, clock skew. A restart rereads them, so these are Retryable.
+AUTH = frozenset({
+    "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+    "TokenRefreshRequired", "RequestTimeTooSkewed", "AllAccessDisabled", "AccountProblem",
+})
+# 4xx codes worth retrying (throttling, timeouts); every other 4xx is BadConfig.
+TRANSIENT = frozenset({"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
+                       "RequestLimitExceeded", "408", "429"})
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -52,164 +52,111 @@ def parse_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _quote(s: str, safe: str = "-_.~") -> str:
-    return urllib.parse.quote(s, safe=safe)
+def client(endpoint: str | None = None, region: str | None = None) -> Any:
+    """An S3 client for a location's endpoint and region (unset: AWS, and the region of the environment).
+
+    An endpoint means an S3-compatible store: path-style addressing (no bucket DNS names),
+    and checksums only where the API requires them, as not every store implements the
+    CRC checksums botocore adds by default.
+    """
+    session = boto3.session.Session()
+    # Attempts per request: AWS_MAX_ATTEMPTS, else the standard mode's 3.
+    options: dict[str, Any] = {"connect_timeout": 10, "read_timeout": 60, "retries": {"mode": "standard"}}
+    if endpoint:
+        options |= {"s3": {"addressing_style": "path"}, "request_checksum_calculation": "when_required",
+                    "response_checksum_validation": "when_required"}
+    if session.get_credentials() is None:
+        log.info("no AWS credentials in the environment or the pod's identity: S3 requests go unsigned")
+        options["signature_version"] = UNSIGNED
+    return session.client("s3", endpoint_url=endpoint or None, region_name=region or None, config=Config(**options))
 
 
-def _hmac(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+def _code(exc: ClientError) -> tuple[str, str, int]:
+    err = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    code = str(err.get("Code") or status or "Unknown")
+    message = " ".join(str(err.get("Message") or "").split())[:300]
+    return code, message, int(status)
 
 
-def signing_key(secret_key: str, date: str, region: str, service: str = "s3") -> bytes:
-    k = _hmac(("AWS4" + secret_key).encode(), date)
-    k = _hmac(k, region)
-    k = _hmac(k, service)
-    return _hmac(k, "aws4_request")
+def is_not_found(exc: BaseException) -> bool:
+    """True for a ClientError saying the bucket or object does not exist."""
+    if not isinstance(exc, ClientError):
+        return False
+    code, _, status = _code(exc)
+    return code in NOT_FOUND or status == 404
 
 
-def sign(method: str, url: str, headers: dict[str, str], payload_hash: str, creds: Credentials,
-         region: str, now: dt.datetime, service: str = "s3") -> dict[str, str]:
-    """Headers for a SigV4-signed request: the given ones plus x-amz-date, x-amz-content-sha256, Authorization."""
-    parts = urllib.parse.urlsplit(url)
-    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
-    date = amz_date[:8]
-    out = dict(headers)
-    out["host"] = parts.netloc
-    out["x-amz-date"] = amz_date
-    out["x-amz-content-sha256"] = payload_hash
-    if creds.session_token:
-        out["x-amz-security-token"] = creds.session_token
-    canon_headers = {k.lower().strip(): " ".join(str(v).split()) for k, v in out.items()}
-    signed = ";".join(sorted(canon_headers))
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    canon_query = "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query))
-    canon_request = "\n".join([
-        method,
-        _quote(urllib.parse.unquote(parts.path) or "/", safe="/-_.~"),
-        canon_query,
-        "".join(f"{k}:{canon_headers[k]}\n" for k in sorted(canon_headers)),
-        signed,
-        payload_hash,
-    ])
-    scope = f"{date}/{region}/{service}/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canon_request.encode()).hexdigest()])
-    signature = hmac.new(signing_key(creds.secret_key, date, region, service), to_sign.encode(),
-                         hashlib.sha256).hexdigest()
-    out["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, "
-                            f"SignedHeaders={signed}, Signature={signature}")
-    del out["host"]  # urllib sets Host itself (same value)
-    return out
+def _translate(exc: Exception, field: str, uri: str) -> Exception:
+    if isinstance(exc, Boto3Error):  # upload_file wraps the ClientError; a download can run out of retries
+        cause = getattr(exc, "last_exception", None) or exc.__context__
+        if isinstance(cause, (ClientError, BotoCoreError)):
+            return _translate(cause, field, uri)
+        return Retryable(f"S3 {uri}: {exc}")
+    if isinstance(exc, ClientError):
+        code, message, status = _code(exc)
+        what = f"{uri}: {code}" + (f" ({message})" if message else "")
+        if is_not_found(exc):
+            # HEAD (a download's first request) answers a bare 404: say what it means.
+            return BadConfig(field, what if message else f"{uri}: no such bucket or object (HTTP 404)")
+        if code in AUTH or status in (401, 403):
+            return Retryable(f"S3 refused the credentials for {what}; check the credentialsSecret "
+                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the pod's identity")
+        if 400 <= status < 500 and code not in TRANSIENT:
+            return BadConfig(field, what)
+        return Retryable(f"S3 {what}")
+    if isinstance(exc, ParamValidationError):
+        return BadConfig(field, f"{uri}: {' '.join(str(exc).split())}")
+    if isinstance(exc, NoCredentialsError):  # a credential provider failed half way
+        return Retryable(f"S3 {uri}: no usable AWS credentials")
+    # Connection refused, DNS, timeouts, TLS: botocore has retried already.
+    return Retryable(f"S3 {uri}: {exc}")
 
 
-def _env_region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-
-
-def _web_identity_credentials() -> Credentials | None:
-    token_file, role = os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"), os.environ.get("AWS_ROLE_ARN")
-    if not (token_file and role):
-        return None
-    query = urllib.parse.urlencode({
-        "Action": "AssumeRoleWithWebIdentity", "Version": "2011-06-15", "RoleArn": role,
-        "RoleSessionName": os.environ.get("AWS_ROLE_SESSION_NAME", "llamaops-trainer"),
-        "WebIdentityToken": Path(token_file).read_text().strip(),
-    })
-    region = _env_region()
-    host = os.environ.get("AWS_STS_ENDPOINT") or f"https://sts.{region}.amazonaws.com"
-    with urllib.request.urlopen(f"{host}/?{query}", timeout=30) as resp:  # noqa: S310 (https endpoint)
-        root = ET.fromstring(resp.read())
-    find = lambda tag: next(e.text for e in root.iter() if e.tag.endswith(tag))  # noqa: E731
-    return Credentials(find("AccessKeyId"), find("SecretAccessKey"), find("SessionToken"))
-
-
-def _container_credentials() -> Credentials | None:
-    uri = os.environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-    if not uri:
-        return None
-    req = urllib.request.Request(uri)
-    token = os.environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN")
-    token_file = os.environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
-    if token_file:
-        token = Path(token_file).read_text().strip()
-    if token:
-        req.add_header("Authorization", token)
-    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
-        doc = json.loads(resp.read())
-    return Credentials(doc["AccessKeyId"], doc["SecretAccessKey"], doc.get("Token"))
-
-
-def credentials_from_env() -> Credentials | None:
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if key and secret:
-        return Credentials(key, secret, os.environ.get("AWS_SESSION_TOKEN") or None)
-    return _web_identity_credentials() or _container_credentials()
-
-
-class S3Client:
-    def __init__(self, endpoint: str | None = None, region: str | None = None,
-                 credentials: Credentials | None = None, timeout: float = 60) -> None:
-        self.endpoint = endpoint.rstrip("/") if endpoint else None
-        self.region = region or _env_region()
-        self.credentials = credentials
-        self.timeout = timeout
-
-    def url(self, bucket: str, key: str = "", query: dict[str, str] | None = None) -> str:
-        path = _quote(key, safe="/-_.~")
-        if self.endpoint:  # S3-compatible stores: path-style addressing
-            base = f"{self.endpoint}/{bucket}/{path}"
-        else:
-            base = f"https://{bucket}.s3.{self.region}.amazonaws.com/{path}"
-        if query:
-            base += "?" + "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items()))
-        return base
-
-    def _request(self, method: str, url: str, data: bytes | None = None,
-                 headers: dict[str, str] | None = None) -> urllib.request.Request:
-        headers = dict(headers or {})
-        if self.credentials is not None:
-            payload_hash = hashlib.sha256(data).hexdigest() if data is not None else EMPTY_SHA256
-            headers = sign(method, url, headers, payload_hash, self.credentials, self.region,
-                           dt.datetime.now(dt.UTC))
-        return urllib.request.Request(url, data=data, method=method, headers=headers)
-
-    def _open(self, req: urllib.request.Request):
-        try:
-            return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 (configured endpoint)
-        except urllib.error.HTTPError as exc:
-            body = exc.read()[:2000].decode(errors="replace")
-            code = next((e.text for e in _safe_xml(body).iter() if e.tag.endswith("Code")), None) if body else None
-            raise S3Error(exc.code, f"{code or exc.reason} for {req.get_method()} {req.full_url}") from None
-
-    def download(self, bucket: str, key: str, dest: Path) -> Path:
-        """Streams an object to dest through a temporary file, so a partial download never looks whole."""
-        tmp = dest.with_name(dest.name + ".part")
-        with self._open(self._request("GET", self.url(bucket, key))) as resp, tmp.open("wb") as f:
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-        tmp.replace(dest)
-        return dest
-
-    def list(self, bucket: str, prefix: str) -> Iterator[str]:
-        token: str | None = None
-        while True:
-            query = {"list-type": "2", "prefix": prefix}
-            if token:
-                query["continuation-token"] = token
-            with self._open(self._request("GET", self.url(bucket, "", query))) as resp:
-                root = ET.fromstring(resp.read())
-            for contents in root.iter(f"{_S3_NS}Contents"):
-                yield contents.findtext(f"{_S3_NS}Key") or ""
-            if root.findtext(f"{_S3_NS}IsTruncated") != "true":
-                return
-            token = root.findtext(f"{_S3_NS}NextContinuationToken")
-
-    def upload(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        with self._open(self._request("PUT", self.url(bucket, key), data, {"content-type": content_type})):
-            pass
-
-
-def _safe_xml(text: str) -> ET.Element:
+@contextmanager
+def errors(field: str, uri: str) -> Iterator[None]:
+    """Turns boto3's exceptions into BadConfig(field) or Retryable, naming the URI."""
     try:
-        return ET.fromstring(text)
-    except ET.ParseError:
-        return ET.Element("none")
+        yield
+    except (Boto3Error, BotoCoreError, ClientError) as exc:
+        raise _translate(exc, field, uri) from None
+
+
+def download_file(conn: Any, bucket: str, key: str, dest: Path) -> Path:
+    """One object to dest; boto3 writes a temporary file and renames it, so a partial download never looks whole."""
+    conn.download_file(bucket, key, str(dest))
+    return dest
+
+
+def list_keys(conn: Any, bucket: str, prefix: str, suffix: str = "") -> list[str]:
+    """The keys under prefix ending with suffix, sorted. A missing bucket raises NoSuchBucket."""
+    keys: list[str] = []
+    for page in conn.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", ()) if o["Key"].endswith(suffix)]
+    return sorted(keys)
+
+
+def download_prefix(conn: Any, bucket: str, prefix: str, dest_dir: Path, suffix: str = "") -> list[Path]:
+    """Every object under prefix ending with suffix, in key order, as <index>-<name> in dest_dir.
+
+    Files already there (an earlier attempt on this node) are reused.
+    """
+    paths = []
+    for i, key in enumerate(list_keys(conn, bucket, prefix, suffix)):
+        dest = dest_dir / f"{i:05d}-{Path(key).name}"
+        paths.append(dest if dest.is_file() else download_file(conn, bucket, key, dest))
+    return paths
+
+
+def upload_dir(conn: Any, src: Path, bucket: str, prefix: str, last: str | None = None) -> list[str]:
+    """Every file under src to s3://bucket/<prefix><relative path>; the file named `last` goes last.
+
+    Returns the keys written, in order.
+    """
+    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+    keys = []
+    for f in files:
+        key = prefix + f.relative_to(src).as_posix()
+        conn.upload_file(str(f), bucket, key)
+        keys.append(key)
+    return keys

@@ -3,7 +3,7 @@
 Every source ends as a list of Records (a JSON object plus where it came from,
 for error messages). Problems with the data itself are BadData, a source that
 cannot exist (a missing path, a 404) is BadConfig naming the spec field, and
-network trouble is Retryable.
+network trouble (and S3 credentials the store refuses) is Retryable.
 """
 
 from __future__ import annotations
@@ -108,27 +108,27 @@ def _fetch_http(url: str, sha256: str | None, dest: Path) -> Path:
 
 
 def _fetch_s3(loc: Any, dest_dir: Path) -> list[Path]:
+    """s3://bucket/key: that object; s3://bucket/prefix/ (or the bucket): every *.jsonl under it."""
+    field = "spec.dataset.s3.uri"
     bucket, key = s3.parse_uri(loc.uri)
-    client = s3.S3Client(loc.endpoint, loc.region, s3.credentials_from_env())
     dest_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    with s3.errors(field, loc.uri):
+        client = s3.client(loc.endpoint, loc.region)
         if key and not key.endswith("/"):
             dest = dest_dir / Path(key).name
-            return [dest if dest.is_file() else client.download(bucket, key, dest)]
-        keys = sorted(k for k in client.list(bucket, key) if k.endswith(".jsonl"))
-        if not keys:
-            raise BadData(f"{loc.uri}: no *.jsonl object under this prefix")
-        paths = []
-        for i, k in enumerate(keys):
-            dest = dest_dir / f"{i:05d}-{Path(k).name}"
-            paths.append(dest if dest.is_file() else client.download(bucket, k, dest))
-        return paths
-    except s3.S3Error as exc:
-        if exc.status in (400, 403, 404):
-            raise BadConfig("spec.dataset.s3.uri", str(exc)) from None
-        raise Retryable(f"S3: {exc}") from None
-    except (TimeoutError, urllib.error.URLError, ConnectionError) as exc:
-        raise Retryable(f"S3 {loc.uri}: {exc}") from None
+            if dest.is_file():
+                return [dest]
+            try:
+                return [s3.download_file(client, bucket, key, dest)]
+            except Exception as exc:
+                if s3.is_not_found(exc) and s3.list_keys(client, bucket, key + "/", ".jsonl"):
+                    raise BadConfig(field, f"{loc.uri} is a prefix, not an object: end the URI with '/' "
+                                           "to read every *.jsonl under it") from None
+                raise
+        paths = s3.download_prefix(client, bucket, key, dest_dir, ".jsonl")
+    if not paths:
+        raise BadData(f"{loc.uri}: no *.jsonl object under this prefix")
+    return paths
 
 
 def _records_from_hub(ds: Any) -> list[Record]:
