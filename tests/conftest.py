@@ -17,16 +17,14 @@ Every test under tests/cluster, and every test using the `cluster` or
 from __future__ import annotations
 
 import os
-import re
-import secrets
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from kubetest import fresh_namespace
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_TESTS = REPO / "tests" / "cluster"
@@ -91,11 +89,19 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         yield Cluster(kubeconfig=kubeconfig, local=False)
         return
 
-    from llamaops.devcluster import ClusterConfig, DevCluster, DevClusterError, Ports
+    from llamaops.devcluster import ClusterConfig, Ports
+
+    config = ClusterConfig(ports=Ports().shifted(int(os.environ.get(TEST_PORT_OFFSET_ENV, "100"))))
+    yield from _local_cluster(request, tmp_path_factory, config, "llamaops-home")
+
+
+def _local_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, config: object,
+                   home_name: str) -> Iterator[Cluster]:
+    """A local control plane for the session, under a temporary LLAMAOPS_HOME."""
+    from llamaops.devcluster import DevCluster, DevClusterError
 
     binaries = request.getfixturevalue("bin_dir")
-    home = tmp_path_factory.mktemp("llamaops-home")
-    config = ClusterConfig(ports=Ports().shifted(int(os.environ.get(TEST_PORT_OFFSET_ENV, "100"))))
+    home = tmp_path_factory.mktemp(home_name)
     dev = DevCluster(home, bin_dir=binaries)
     try:
         path = dev.up(config, timeout=180)
@@ -148,21 +154,11 @@ def kueue_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
         yield Cluster(kubeconfig=kubeconfig, local=False)
         return
 
-    from llamaops.devcluster import ClusterConfig, DevCluster, DevClusterError, Ports
+    from llamaops.devcluster import ClusterConfig, Ports
 
-    binaries = request.getfixturevalue("bin_dir")
-    home = tmp_path_factory.mktemp("llamaops-kueue-home")
     offset = int(os.environ.get(TEST_PORT_OFFSET_ENV, "100")) + KUEUE_PORT_OFFSET_STEP
     config = ClusterConfig(ports=Ports().shifted(offset), kueue=True)
-    dev = DevCluster(home, bin_dir=binaries)
-    try:
-        path = dev.up(config, timeout=180)
-    except DevClusterError as exc:
-        pytest.fail(f"the local control plane with Kueue did not start: {exc}", pytrace=False)
-    try:
-        yield Cluster(kubeconfig=path, local=True, home=home, bin_dir=binaries, config=config)
-    finally:
-        dev.down()
+    yield from _local_cluster(request, tmp_path_factory, config, "llamaops-kueue-home")
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -212,37 +208,8 @@ def k8s(cluster: Cluster) -> Iterator[object]:
         api.close()
 
 
-def _namespace_name(test_name: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")
-    return f"t-{slug[:48].rstrip('-')}-{secrets.token_hex(3)}"
-
-
 @pytest.fixture
 def namespace(k8s: object, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace for one test, deleted (without waiting) afterwards.
-
-    Waits for its default ServiceAccount, so pods can be created right away.
-    """
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    core = client.CoreV1Api(k8s)
-    name = _namespace_name(request.node.name)
-    core.create_namespace(body={"metadata": {"name": name, "labels": {"llamaops.dev/test": "true"}}})
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            core.read_namespaced_service_account("default", name)
-            break
-        except ApiException as exc:
-            if exc.status != 404 or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-    try:
+    """A fresh namespace for one test (see fresh_namespace)."""
+    with fresh_namespace(k8s, request.node.name) as name:
         yield name
-    finally:
-        try:
-            core.delete_namespace(name, propagation_policy="Background")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise

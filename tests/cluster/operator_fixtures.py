@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 from api_cases import example
-from waiting import wait_until
+from kubetest import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from waiting import wait_until
+from kubetest import wait_until
 
 pytestmark = pytest.mark.cluster
 

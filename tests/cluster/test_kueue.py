@@ -10,8 +10,6 @@ status, as the kubelet would.
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,8 +18,8 @@ import pytest
 from kubernetes import client
 from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
+from kubetest import fresh_namespace, wait_until
 from llamaops.devcluster import kueue
-from waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -42,20 +40,9 @@ def kapi(kueue_cluster) -> Iterator[client.ApiClient]:
 
 @pytest.fixture
 def kns(kapi, request) -> Iterator[str]:
-    """A fresh namespace in the Kueue cluster, deleted (without waiting) afterwards."""
-    core = client.CoreV1Api(kapi)
-    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].rstrip("-")
-    name = f"kq-{slug}-{secrets.token_hex(3)}"
-    core.create_namespace(body={"metadata": {"name": name, "labels": {"llamaops.dev/test": "true"}}})
-    wait_until(lambda: _exists(lambda: core.read_namespaced_service_account("default", name)), timeout=60, what="the default service account")
-    try:
+    """A fresh namespace in the Kueue cluster."""
+    with fresh_namespace(kapi, request.node.name, prefix="kq") as name:
         yield name
-    finally:
-        try:
-            core.delete_namespace(name, propagation_policy="Background")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
 
 
 def _exists(read: Callable[[], Any]) -> bool:

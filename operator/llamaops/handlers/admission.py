@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 # Concurrent API writes of one admission pass: a wave of admissions or queue
 # position updates goes out together instead of one round trip at a time.
 PARALLEL_WRITES = 16
+EXACT_POSITIONS = 10
+POSITION_REFRESH = 5.0
 
 
 def _wake() -> None:
@@ -79,7 +82,7 @@ class Admitter:
         self.rt, self.finetunes, self.nodes, self.pods = rt, finetunes, nodes, pods
         # Admissions whose status change the index has not shown yet: key -> (nodes, gpus per node).
         self.in_flight: dict[str, tuple[list[str], int]] = {}
-        self.positions: dict[str, tuple[int, str]] = {}
+        self.positions: dict[str, tuple[int, str, float]] = {}  # key -> (position, reason, when) last written
 
     async def run_pass(self) -> None:
         runs = {f"{ns}/{name}": snap for (ns, name), store in self.finetunes.items() for snap in store}
@@ -132,11 +135,17 @@ class Admitter:
                     self.positions.pop(key, None)
 
         writes = [admit_one(key, nodes) for key, nodes in decision.admitted.items()]
+        now = time.monotonic()
         for key, position in decision.positions.items():
             reason = decision.reasons.get(key, "")
-            if self.positions.get(key) != (position, reason) and runs.get(key, {}).get("phase") == "Queued":
-                self.positions[key] = (position, reason)
-                writes.append(report_position(key, position, reason))
+            last = self.positions.get(key)
+            if last is None or last[:2] != (position, reason):
+                # Every admission moves everyone behind it: near the head positions are exact,
+                # further back they are refreshed at most every POSITION_REFRESH seconds.
+                due = last is None or position <= EXACT_POSITIONS or now - last[2] >= POSITION_REFRESH
+                if due and runs.get(key, {}).get("phase") == "Queued":
+                    self.positions[key] = (position, reason, now)
+                    writes.append(report_position(key, position, reason))
         for key in list(self.positions):
             if key not in decision.positions:
                 del self.positions[key]
