@@ -10,28 +10,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from slow_trainer import slow_trainer_command
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 16
-# The real entry point, each micro-step slowed so progress can be watched while it trains.
-SLOW_TRAINER = """
-import sys, time
-from llamaops_trainer import training
-step = training.LlamaOpsTrainer.training_step
-def slow(self, *args, **kwargs):
-    time.sleep(0.4)
-    return step(self, *args, **kwargs)
-training.LlamaOpsTrainer.training_step = slow
-from llamaops_trainer.main import run
-sys.exit(run())
-"""
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +70,7 @@ def test_trainer_reports_progress_on_the_object(crds, kubectl, kubeconfig: Path,
            "LLAMAOPS_PVC_ROOT": str(root), "LLAMAOPS_DATA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
     env.pop("LLAMAOPS_OUTPUT_DIR", None)
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAINER, "--spec", str(spec)], env=env,
+    proc = subprocess.Popen(slow_trainer_command(0.4, "--spec", str(spec)), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[dict] = []
     deadline = time.monotonic() + 300

@@ -5,35 +5,23 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from llamaops.api.contract import ADAPTER_DIR, CHECKPOINTS_DIR, EXIT_RETRYABLE, METRICS_FILE, RUN_INFO_FILE
 from llamaops_trainer.checkpoints import find_resume_checkpoint
+from slow_trainer import slow_trainer_command
 from trainer_helpers import losses, manifest, merge, run_in_process, write_spec
 
 MAX_STEPS = 24
-# Runs the real entry point with each micro-step slowed down, so a signal reliably lands mid-run.
-SLOW_TRAINER = """
-import sys, time
-from llamaops_trainer import training
-step = training.LlamaOpsTrainer.training_step
-def slow(self, *args, **kwargs):
-    time.sleep(0.25)
-    return step(self, *args, **kwargs)
-training.LlamaOpsTrainer.training_step = slow
-from llamaops_trainer.main import run
-sys.exit(run())
-"""
 
 
 def _start(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
     doc = manifest(training={"max_steps": MAX_STEPS, "save_steps": 4, "logging_steps": 1, "save_total_limit": 3})
     spec = write_spec(tmp_path / "spec.yaml", doc)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAINER, "--spec", str(spec), "--output-dir", str(out)],
+    proc = subprocess.Popen(slow_trainer_command(0.25, "--spec", str(spec), "--output-dir", str(out)),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, out
 
