@@ -154,7 +154,8 @@ class Admitter:
     async def _admit(self, key: str, nodes: list[str]) -> None:
         ns, name = key.split("/", 1)
         body = await self.rt.kube.get_finetune(ns, name)
-        if body is None or (body.get("status") or {}).get("phase") != "Queued" or body["spec"].get("suspend"):
+        if (body is None or body["metadata"].get("deletionTimestamp")
+                or (body.get("status") or {}).get("phase") != "Queued" or body["spec"].get("suspend")):
             self.in_flight.pop(key, None)
             return
         lft = parse(body)

@@ -55,8 +55,8 @@ async def job_event(type: str, body: kopf.Body, namespace: str, logger: logging.
     if owner is None or not rt.in_scope(namespace):
         return
     lft_body = await rt.kube.get_finetune(namespace, owner)
-    if lft_body is None:
-        return
+    if lft_body is None or lft_body["metadata"].get("deletionTimestamp"):
+        return  # the run is going away (a foreground deletion removes its Job first): nothing to restore
     status = lft_body.get("status") or {}
     phase, gen = status.get("phase"), lft_body["metadata"].get("generation")
     current = body["metadata"].get("annotations", {}).get(ANNOTATION_RUN_HASH) == status.get("runHash")
