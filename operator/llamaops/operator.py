@@ -24,7 +24,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.standalone = True
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
-    settings.batching.worker_limit = None  # required with indexes: no start-up deadlock
+    settings.queueing.worker_limit = None  # required with indexes: no start-up deadlock
     settings.networking.error_backoffs = [1, 2, 5, 10]
 
 
@@ -34,6 +34,18 @@ async def report(logger: logging.Logger, **_: Any) -> None:
 
     # Read by bench/operator_queue.py: API calls made by our own client (kopf's watches excluded).
     logger.info("llamaops api requests: %d", runtime().kube.requests)
+
+
+def watch_scope(settings: Settings) -> dict[str, Any]:
+    """Which namespaces kopf watches.
+
+    The built-in queue counts every GPU pod in the cluster, so it watches every namespace.
+    Under Kueue nothing reads those indexes: an operator for some namespaces watches only them,
+    and never lists (nor holds in memory at start-up) the objects of the rest of the cluster.
+    """
+    if settings.queue_mode == "kueue" and settings.namespaces:
+        return {"clusterwide": False, "namespaces": list(settings.namespaces)}
+    return {"clusterwide": True}
 
 
 def run(settings: Settings, *, verbose: bool = False) -> None:
@@ -50,7 +62,7 @@ def run(settings: Settings, *, verbose: bool = False) -> None:
         set_runtime(Runtime(settings=settings, kube=Kube(api)))
         try:
             await kopf.operator(
-                clusterwide=True,
+                **watch_scope(settings),
                 liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz",
             )
         finally:
