@@ -105,16 +105,6 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        self.requests += 1
-        try:
-            job = await self.batch.read_namespaced_job(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return self.api.sanitize_for_serialization(job)
-
     async def delete_job(self, namespace: str, name: str) -> bool:
         """Delete a Job and (in the background) its pods. True if it was there."""
         self.requests += 1

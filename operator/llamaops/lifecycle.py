@@ -11,11 +11,10 @@ the trained sections changed (spec hash) and resumes otherwise. Edits to
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 from dataclasses import dataclass
 
 from llamaops.api import FineTuneSpec
+from llamaops.api.contract import digest
 
 ACTIVE = ("Admitted", "Running")
 DONE = ("Succeeded",)
@@ -33,7 +32,7 @@ def run_hash(spec: FineTuneSpec) -> str:
     wire = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     wire.pop("queue", None)
     wire.pop("suspend", None)
-    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(wire)[:16]
 
 
 @dataclass(frozen=True)

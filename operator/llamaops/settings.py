@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 QueueMode = Literal["builtin", "kueue"]
@@ -28,7 +28,6 @@ class Settings:
     admission_interval: float = 2.0  # seconds between admission passes when nothing changes
     model_cache_pvc: str | None = None  # a claim per namespace for HF_HOME, shared by runs
     liveness_port: int = 8080
-    extra_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:

@@ -71,7 +71,11 @@ def output_subpath(namespace: str, name: str, path: str | None) -> str:
 HASHED_SECTIONS = ("model", "lora", "quantization", "training", "systemPrompt", "dataset")
 
 
+def digest(value: object) -> str:
+    """SHA-256 of a JSON value, independent of key order."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def spec_hash(spec: FineTuneSpec) -> str:
     wire = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    relevant = {k: wire[k] for k in HASHED_SECTIONS if k in wire}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+    return digest({k: wire[k] for k in HASHED_SECTIONS if k in wire})

@@ -30,9 +30,6 @@ QUANTITY_PATTERN = (
 )
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-# A model or adapter location: a Hugging Face repo id, an absolute path in the
-# image, or pvc://<claim>/<path> on a PersistentVolumeClaim of the namespace.
-PVC_URI_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/].*)?$"
 
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
 # Strict everywhere else (the API server takes no "2048" for an integer), but
@@ -100,10 +97,6 @@ class SecretRef(KubeModel):
     """A Secret in the object's own namespace."""
 
     name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="Name of the Secret.")
-
-
-class LocalObjectReference(KubeModel):
-    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
 
 
 class Toleration(KubeModel):

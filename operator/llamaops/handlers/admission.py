@@ -111,10 +111,10 @@ class Admitter:
         decision = admit(queued, capacity, self.rt.settings.backfill_limit)
         self.rt.overtaken = decision.overtaken
         gate = asyncio.Semaphore(PARALLEL_WRITES)
+        gpus_per_node = {q.key: q.gpus_per_node for q in queued}
 
         async def admit_one(key: str, nodes: list[str]) -> None:
-            gpus = next(q.gpus_per_node for q in queued if q.key == key)
-            self.in_flight[key] = (nodes, gpus)
+            self.in_flight[key] = (nodes, gpus_per_node[key])
             async with gate:
                 try:
                     await self._admit(key, nodes)
