@@ -68,18 +68,27 @@ class Kube:
             "HorizontalPodAutoscaler": self.autoscaling.patch_namespaced_horizontal_pod_autoscaler,
         }[kind]
 
-    async def apply(self, manifest: dict[str, Any]) -> None:
-        """Server-side apply as field manager "llamaops": creates, or brings an existing child to the manifest."""
+    async def _apply(self, manifest: dict[str, Any]) -> Any:
         self.requests += 1
         meta = manifest["metadata"]
-        await self._patch_call(manifest["kind"])(meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER,
-                                                 force=True, _content_type=APPLY_PATCH)
+        return await self._patch_call(manifest["kind"])(meta["name"], meta["namespace"], manifest,
+                                                        field_manager=FIELD_MANAGER, force=True,
+                                                        _content_type=APPLY_PATCH)
+
+    async def apply(self, manifest: dict[str, Any]) -> None:
+        """Server-side apply as field manager "llamaops": creates, or brings an existing child to the manifest."""
+        await self._apply(manifest)
+
+    async def apply_returning(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """`apply`, returning the object as the server now has it (status included): no extra get."""
+        return self.api.sanitize_for_serialization(await self._apply(manifest))
 
     async def create(self, manifest: dict[str, Any]) -> bool:
         """Create unless it exists (deterministic names make a repeat a no-op). True if created."""
         self.requests += 1
         try:
-            await self._create_call(manifest["kind"])(manifest["metadata"]["namespace"], manifest)
+            await self._create_call(manifest["kind"])(manifest["metadata"]["namespace"], manifest,
+                                                      field_manager=FIELD_MANAGER)
             return True
         except ApiException as exc:
             if exc.status == 409:
@@ -95,12 +104,38 @@ class Kube:
                 return None
             raise
 
+    async def get_serve(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.requests += 1
+        try:
+            return await self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, SERVES, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete a child (ConfigMap, PodDisruptionBudget, HorizontalPodAutoscaler...). True if it was there."""
+        self.requests += 1
+        call = {
+            "ConfigMap": self.core.delete_namespaced_config_map,
+            "PodDisruptionBudget": self.policy.delete_namespaced_pod_disruption_budget,
+            "HorizontalPodAutoscaler": self.autoscaling.delete_namespaced_horizontal_pod_autoscaler,
+        }[kind]
+        try:
+            await call(name, namespace)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
     async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge-patch the status subresource (a vanished object is not an error)."""
         self.requests += 1
         try:
             await self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, plural, name, {"status": status}, _content_type=MERGE_PATCH)
+                GROUP, VERSION, namespace, plural, name, {"status": status}, field_manager=FIELD_MANAGER,
+                _content_type=MERGE_PATCH)
         except ApiException as exc:
             if exc.status != 404:
                 raise

@@ -10,6 +10,7 @@ from llamaops.api.finetune import SchedulingSpec
 from llamaops.api.meta import (
     DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
+    QUANTITY_PATTERN,
     KubeModel,
     Resource,
     SecretKeyRef,
@@ -75,10 +76,78 @@ class ServeAdapter(KubeModel):
     uri: str | None = Field(None, pattern=r"^(pvc://[a-z0-9][-a-z0-9]*[a-z0-9]?/.+|s3://.+|hf://.+)$",
                             max_length=2048, description="pvc://<claim>/<path>, s3://bucket/prefix or hf://org/repo.")
     r: int | None = Field(None, ge=1, le=1024, description="Rank of a uri adapter (fineTuneRef adapters report theirs).")
+    base_model: str | None = Field(None, min_length=1, max_length=512,
+                                   description="Base model a uri adapter was trained on; refused when it is not the "
+                                               "served one (fineTuneRef adapters report theirs).")
 
 
 class ServeResources(SchedulingSpec):
     """Placement of each replica; the GPU count is vllm.tensor_parallel_size."""
+
+
+class S3Access(KubeModel):
+    """How the init container reaches s3:// adapters given by uri (fineTuneRef adapters use their run's output.s3)."""
+
+    endpoint: str | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=2048,
+                                 description="S3-compatible endpoint (MinIO, Ceph); unset means AWS.")
+    region: str | None = Field(None, max_length=64)
+    credentials_secret: SecretRef | None = Field(
+        None, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; unset uses the pod's identity.")
+
+
+class RollingUpdateSpec(KubeModel):
+    """The Deployment's rolling update: by default a new replica is Ready before an old one goes."""
+
+    model_config = KubeModel.model_config | {
+        "json_schema_extra": validations(
+            cel("self.maxSurge > 0 || self.maxUnavailable > 0",
+                "maxSurge and maxUnavailable cannot both be 0", reason="FieldValueInvalid"),
+        )
+    }
+
+    max_surge: int = Field(1, ge=0, le=1000, description="Extra replicas (each with its GPUs) during a rollout.")
+    max_unavailable: int = Field(0, ge=0, le=1000,
+                                 description="Replicas that may be down during a rollout; 0 keeps full capacity.")
+
+
+class DisruptionBudgetSpec(KubeModel):
+    """A PodDisruptionBudget for the replicas (node drains, cluster upgrades)."""
+
+    model_config = KubeModel.model_config | {
+        "json_schema_extra": validations(
+            cel("has(self.minAvailable) != has(self.maxUnavailable)",
+                "set exactly one of minAvailable or maxUnavailable", reason="FieldValueRequired"),
+        )
+    }
+
+    min_available: int | None = Field(None, ge=0, le=1000)
+    max_unavailable: int | None = Field(None, ge=0, le=1000)
+
+
+class PodsMetric(KubeModel):
+    name: str = Field(min_length=1, max_length=253, description="Metric name as the adapter exposes it, e.g. "
+                                                                "vllm:num_requests_waiting.")
+    average_value: str = Field(pattern=QUANTITY_PATTERN, max_length=64,
+                               description="Target per-pod average (a quantity, e.g. \"5\").")
+
+
+class AutoscalingSpec(KubeModel):
+    """A HorizontalPodAutoscaler; it then owns the replica count (spec.replicas is ignored)."""
+
+    model_config = KubeModel.model_config | {
+        "json_schema_extra": validations(
+            cel("self.maxReplicas >= self.minReplicas", "maxReplicas must be >= minReplicas",
+                field_path=".maxReplicas", reason="FieldValueInvalid"),
+            cel("has(self.targetCPUUtilization) || has(self.metric)",
+                "set targetCPUUtilization or metric (e.g. vllm:num_requests_waiting)", reason="FieldValueRequired"),
+        )
+    }
+
+    min_replicas: int = Field(1, ge=1, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    target_cpu_utilization: int | None = Field(None, alias="targetCPUUtilization", ge=1, le=100,
+                                               description="Average CPU utilisation (percent) to keep.")
+    metric: PodsMetric | None = Field(None, description="A per-pod custom metric (needs a metrics adapter).")
 
 
 class LlamaServeSpec(KubeModel):
@@ -97,6 +166,18 @@ class LlamaServeSpec(KubeModel):
     image_pull_secrets: list[SecretRef] | None = Field(None, max_length=16)
     hf_token_secret_ref: SecretKeyRef | None = None
     api_key_secret_ref: SecretKeyRef | None = Field(None, description="Secret key with the API key clients must send.")
+    runtime: Literal["vllm", "ollama"] = Field("vllm", description="Serving runtime: vLLM, or Ollama (Modelfile).")
+    startup_timeout_seconds: int = Field(
+        1800, ge=60, le=86400,
+        description="How long a replica may take to download and load the weights before it is restarted "
+                    "(startupProbe budget); 70B weights take tens of minutes.")
+    rolling_update: RollingUpdateSpec = section(RollingUpdateSpec)
+    pod_disruption_budget: DisruptionBudgetSpec | None = None
+    autoscaling: AutoscalingSpec | None = None
+    model_cache_pvc: str | None = Field(None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253,
+                                        description="Claim mounted at HF_HOME for downloaded weights; unset uses the "
+                                                    "operator's default (LLAMAOPS_MODEL_CACHE_PVC), else an emptyDir.")
+    s3: S3Access | None = Field(None, description="Access to s3:// adapters given by uri.")
 
     @field_validator("adapters")
     @classmethod
@@ -110,20 +191,24 @@ class LlamaServeSpec(KubeModel):
         return adapters
 
 
-ServePhase = Literal["Pending", "WaitingForAdapters", "Progressing", "Ready", "Failed"]
+ServePhase = Literal["WaitingForAdapters", "Deploying", "Ready", "Degraded", "Failed"]
 
 
 class ServedAdapterStatus(KubeModel):
     name: str
     uri: str
+    source: str | None = Field(None, description="LlamaFineTune/<name>, or uri.")
     base_model: str | None = None
     r: int | None = None
+    system_prompt: str | None = None
+    revision: str | None = Field(None, description="When the run produced it (a re-trained run rolls out again).")
 
 
 class LlamaServeStatus(StatusBase):
     phase: ServePhase | None = None
     replicas: int | None = None
     ready_replicas: int | None = None
+    updated_replicas: int | None = None
     adapters: list[ServedAdapterStatus] | None = None
     adapter_names: str | None = Field(None, description="Comma-separated adapter names, for kubectl get.")
     endpoint: str | None = None

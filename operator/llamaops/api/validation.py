@@ -267,16 +267,33 @@ def validate_serve(manifest: Mapping[str, Any],
                 problems.append(Problem(f"{path}.fineTuneRef",
                                         f'LlamaFineTune "{adapter.fine_tune_ref}" does not exist', "warning"))
             else:
-                r = ref.spec.lora.r
-                if ref.spec.model.base_model != spec.model.base_model:
+                # What the run reports once it finished (the trainer's real rank), else what it will train.
+                done = ref.status.adapter if ref.status is not None and ref.status.adapter is not None else None
+                r = done.r if done is not None else ref.spec.lora.r
+                base = done.base_model if done is not None else ref.spec.model.base_model
+                if base != spec.model.base_model:
                     problems.append(Problem(f"{path}.fineTuneRef",
-                                            f'adapter "{adapter.name}" was trained on '
-                                            f'"{ref.spec.model.base_model}", not on the served '
+                                            f'adapter "{adapter.name}" was trained on "{base}", not on the served '
                                             f'"{spec.model.base_model}"'))
+        if adapter.base_model is not None and adapter.base_model != spec.model.base_model:
+            problems.append(Problem(f"{path}.baseModel",
+                                    f'adapter "{adapter.name}" was trained on "{adapter.base_model}", not on the '
+                                    f'served "{spec.model.base_model}"'))
+        if spec.runtime == "ollama" and adapter.uri and adapter.uri.startswith("hf://"):
+            problems.append(Problem(f"{path}.uri", "Ollama reads adapters from local files: use a pvc:// or s3:// "
+                                                   "adapter (or runtime: vllm)"))
         if r is not None and v.max_lora_rank is not None and r > v.max_lora_rank:
             problems.append(Problem("spec.vllm.max_lora_rank",
                                     f'{v.max_lora_rank} is below the rank {r} of adapter "{adapter.name}"; '
                                     f"use one of {', '.join(str(x) for x in VLLM_LORA_RANKS if x >= r)}"))
+    if spec.autoscaling is not None and spec.replicas != 1:
+        problems.append(Problem("spec.replicas", "autoscaling is set: the HorizontalPodAutoscaler owns the replica "
+                                "count and spec.replicas is ignored", "warning"))
+    if spec.pod_disruption_budget is not None and spec.pod_disruption_budget.min_available is not None \
+            and spec.autoscaling is None and spec.pod_disruption_budget.min_available >= spec.replicas > 0:
+        problems.append(Problem("spec.podDisruptionBudget.minAvailable",
+                                f"{spec.pod_disruption_budget.min_available} of {spec.replicas} replicas leaves no "
+                                "room for a voluntary disruption: node drains will block", "warning"))
     if v.chat_template and spec.system_prompt:
         problems.append(Problem("spec.systemPrompt", "vllm.chat_template is set and takes precedence", "warning"))
     return Result("LlamaServe", name, lsv, problems, plan)
