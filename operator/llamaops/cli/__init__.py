@@ -1,42 +1,35 @@
-"""The `llamaops` command line."""
+"""The `llamaops` command line.
+
+    validate   offline validation and the GPU memory plan        (validate.py)
+    watch      live progress of fine-tuning runs                   (watch.py)
+    queue      the GPU queue and capacity per GPU product          (queue.py)
+    run        a LlamaFineTune trained on this machine (--local)   (local.py)
+    plot       loss and learning-rate curves from metrics.jsonl    (plot.py)
+    logs       the training pods' logs, rank-prefixed              (logs.py)
+    operator   the operator itself
+    dev-cluster  a local control plane with simulated GPU nodes   (llamaops.devcluster.cli)
+
+Heavy imports (kubernetes_asyncio, matplotlib, torch) happen inside the
+commands, so `llamaops validate` stays quick.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 
+from llamaops.cli import local, logs, plot, queue, validate, watch
 from llamaops.devcluster.cli import app as dev_cluster_app
 
 app = typer.Typer(no_args_is_help=True, help="LlamaOps: Llama LoRA/QLoRA fine-tuning and vLLM serving on Kubernetes.")
+app.command()(validate.validate)
+app.command()(watch.watch)
+app.command()(queue.queue)
+app.command()(local.run)
+app.command()(plot.plot)
+app.command()(logs.logs)
 app.add_typer(dev_cluster_app, name="dev-cluster")
-
-
-@app.command()
-def validate(
-    files: Annotated[list[Path], typer.Option("-f", "--filename", help="LlamaFineTune/LlamaServe YAML files.")],
-) -> None:
-    """Validate manifests offline with the operator's checks; exit 1 on any error, 2 on unreadable input."""
-    from llamaops.api.manifests import load_file
-    from llamaops.api.validation import validate_manifest
-
-    failed = False
-    for path in files:
-        try:
-            docs = load_file(path)
-        except (OSError, yaml.YAMLError) as exc:
-            typer.echo(f"{path}: cannot read: {exc}", err=True)
-            raise typer.Exit(2) from None
-        for doc in docs:
-            result = validate_manifest(doc)
-            status = "ok" if result.ok else "invalid"
-            typer.echo(f"{path}: {result.kind}/{result.name}: {status}")
-            for problem in result.problems:
-                typer.echo(f"  {problem.severity}: {problem}")
-            failed |= not result.ok
-    raise typer.Exit(1 if failed else 0)
 
 
 @app.command()
