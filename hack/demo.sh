@@ -1,45 +1,142 @@
 #!/usr/bin/env bash
-# `make demo`: LlamaOps' main job on the local control plane.
+# `make demo`: LlamaOps' main job on the local control plane, for real.
 #
 #   1. the local control plane with simulated GPU nodes (llamaops dev-cluster up)
-#   2. the CRDs, the operator, a PVC with a tiny Llama and a chat dataset made here
-#   3. `kubectl apply -f examples/tiny-llama-cpu.yaml`: validated, queued, admitted,
-#      a training Job created with its ConfigMap, ServiceAccount/Role and Service
-#   4. the trainer trains for real on this CPU, with the spec the Job mounts and the
-#      PVC layout its pod sees, reporting progress into the object's status
-#      (kwok simulates the pod itself; this script then writes its exit as the kubelet would)
+#   2. the dev node `local-cpu` (python -m llamaops.devnode): a Node whose pods run
+#      as local processes of this venv; kwok keeps simulating every other node
+#   3. the CRDs, a PVC with a tiny Llama and a chat dataset made here, and the
+#      operator in demo mode (LLAMAOPS_DEV_NODE=local-cpu: training pods go to the
+#      dev node and train on its CPU over gloo, no GPUs requested)
+#   4. `kubectl apply -f examples/tiny-llama-cpu.yaml`: validated, queued, admitted,
+#      a training Job whose pod the dev node runs: the trainer reads the spec the
+#      Job mounts, reports progress into the object's status with the run's own
+#      ServiceAccount, and leaves the adapter on the PVC
 #   5. the operator marks the run Succeeded with the adapter's location
+#   6. `kubectl apply -f examples/tiny-llama-serve.yaml`: a LlamaServe whose vLLM
+#      Deployment mounts exactly that adapter (kwok simulates its GPU pod): Ready
 #
-# The cluster stays up; `make cluster-down` stops it.
+# Everything stays up; `hack/demo.sh down` stops the operator, the dev node and the cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-bin=$(hack/build-binaries.sh)
+err() { printf '\033[1;31mdemo: %s\033[0m\n' "$*" >&2; }
 llamaops=.venv/bin/llamaops
+python=.venv/bin/python
 export LLAMAOPS_HOME=${LLAMAOPS_HOME:-$HOME/.llamaops}
 demo=$LLAMAOPS_HOME/demo
 ns=llamaops-demo
 run=tiny-llama-cpu
+node=local-cpu
+operator_pid=$demo/operator.pid
+devnode_pid=$demo/devnode.pid
+liveness_port=${LLAMAOPS_DEMO_LIVENESS_PORT:-16280}
+teardown="hack/demo.sh down"
+[ "$LLAMAOPS_HOME" = "$HOME/.llamaops" ] || teardown="LLAMAOPS_HOME=$LLAMAOPS_HOME $teardown"
+
+# A pid file's process, if it is still the one we started (pids get reused).
+alive() {
+  local pid
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "$2"
+}
+
+stop_pid() {  # pid file, what its command line contains, name
+  if alive "$1" "$2"; then
+    local pid
+    pid=$(cat "$1")
+    echo "stopping the $3 (pid $pid)"
+    kill -TERM "$pid"
+    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+  fi
+  rm -f "$1"
+}
+
+if [ "${1:-}" = down ]; then
+  stop_pid "$operator_pid" "llamaops operator" operator
+  stop_pid "$devnode_pid" "llamaops.devnode" "dev node agent"
+  $llamaops dev-cluster down
+  exit 0
+fi
+
+# ---------------------------------------------------------------- preflight
+if alive "$operator_pid" "llamaops operator" || alive "$devnode_pid" "llamaops.devnode" \
+   || $llamaops dev-cluster status >/dev/null 2>&1; then
+  err "a previous demo (or dev cluster) is still up under $LLAMAOPS_HOME:"
+  $llamaops dev-cluster status 2>&1 | sed 's/^/  /' >&2 || true
+  alive "$operator_pid" "llamaops operator" && echo "  operator pid $(cat "$operator_pid")" >&2
+  alive "$devnode_pid" "llamaops.devnode" && echo "  dev node agent pid $(cat "$devnode_pid")" >&2
+  err "tear it down first:  $teardown"
+  exit 1
+fi
+if $python -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1', $liveness_port)) != 0)"; then
+  err "port $liveness_port (the demo operator's /healthz) is already in use; free it or set LLAMAOPS_DEMO_LIVENESS_PORT"
+  exit 1
+fi
+
+started=false
+on_exit() {
+  local rc=$?
+  if [ $rc -ne 0 ] && $started; then
+    err "the demo stopped (exit $rc); what it started is still up for inspection. Tear down: $teardown"
+  fi
+}
+trap on_exit EXIT
+
+bin=$(hack/build-binaries.sh)
+mkdir -p "$demo"
 
 say "local control plane"
-kubeconfig=$(LLAMAOPS_BIN_DIR=$bin $llamaops dev-cluster up | tail -n 1)
+if ! kubeconfig=$(LLAMAOPS_BIN_DIR=$bin $llamaops dev-cluster up 2> >(tee "$demo/cluster-up.log" >&2) | tail -n 1); then
+  sleep 0.5  # let tee finish the log
+  err "the control plane did not start (see above)."
+  if grep -q "already in use" "$demo/cluster-up.log"; then
+    err "another dev cluster or demo holds these ports: tear it down (a demo: LLAMAOPS_HOME=<its home>" \
+        "hack/demo.sh down; in the default home just: hack/demo.sh down), or run this demo on other ports:" \
+        "LLAMAOPS_DEV_CLUSTER_PORT_OFFSET=1000 make demo"
+  fi
+  exit 1
+fi
+started=true
 export KUBECONFIG=$kubeconfig
 k() { "$bin/kubectl" "$@"; }
-k get nodes -o custom-columns='NODE:.metadata.name,GPUS:.status.allocatable.nvidia\.com/gpu,PRODUCT:.metadata.labels.nvidia\.com/gpu\.product'
+
+say "the dev node: pods bound to '$node' run as processes of this venv"
+cpus=$(nproc)
+[ "$cpus" -lt 2 ] && cpus=2  # the example asks for 2 CPUs; the dev node time-shares them
+$python -m llamaops.devnode --kubeconfig "$kubeconfig" --name $node --work-dir "$demo/devnode" \
+  --cpu "$cpus" --pid-file "$devnode_pid" > "$demo/devnode.log" 2>&1 &
+echo $! > "$devnode_pid"
+ready=""
+for _ in $(seq 120); do
+  ready=$(k get node $node -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null || true)
+  [ "$ready" = True ] && break
+  alive "$devnode_pid" "llamaops.devnode" || break
+  sleep 0.5
+done
+if [ "$ready" != True ]; then
+  err "the dev node did not become Ready; last lines of $demo/devnode.log:"
+  tail -n 20 "$demo/devnode.log" >&2
+  exit 1
+fi
+k get nodes -o custom-columns='NODE:.metadata.name,GPUS:.status.allocatable.nvidia\.com/gpu,PRODUCT:.metadata.labels.nvidia\.com/gpu\.product,TAINTS:.spec.taints[*].key'
+echo "pods' files and logs: $demo/devnode/pods/<namespace>/<pod>/ (agent log: $demo/devnode.log)"
 
 say "CRDs and the seed's recipes, checked offline (the operator runs the same checks)"
 k apply --server-side --force-conflicts -f crds/ >/dev/null
 k wait --for=condition=Established crd/llamafinetunes.llamaops.io crd/llamaserves.llamaops.io >/dev/null
-$llamaops validate -f examples/llama-3.3-70b-qlora.yaml -f examples/llama-3.1-8b-lora.yaml -f examples/llama-3.1-8b-serve.yaml
+$llamaops validate -f examples/llama-3.3-70b-qlora.yaml -f examples/llama-3.1-8b-lora.yaml -f examples/llama-3.1-8b-serve.yaml \
+  -f examples/tiny-llama-cpu.yaml -f examples/tiny-llama-serve.yaml
 
 say "a tiny Llama and a chat dataset on the demo PVC"
 mkdir -p "$demo/pvc/$ns/models" "$demo/pvc/$ns/datasets"
 if [ ! -f "$demo/pvc/$ns/models/tiny-llama/config.json" ]; then
-  .venv/bin/python -m llamaops_trainer.tiny --model-dir "$demo/pvc/$ns/models/tiny-llama" \
+  $python -m llamaops_trainer.tiny --model-dir "$demo/pvc/$ns/models/tiny-llama" \
     --dataset "$demo/pvc/$ns/datasets/chat.jsonl"
 fi
 k get namespace $ns >/dev/null 2>&1 || k create namespace $ns >/dev/null
+# A hostPath volume: the dev node uses that directory as the claim, as a kubelet would mount it.
 k apply -f - >/dev/null <<YAML
 apiVersion: v1
 kind: PersistentVolume
@@ -61,52 +158,83 @@ spec:
   volumeName: $ns
   resources: {requests: {storage: 10Gi}}
 YAML
+echo "claim $ns = $demo/pvc/$ns"
 
-say "the operator"
-pkill -f "llamaops operator" 2>/dev/null || true
-$llamaops operator > "$demo/operator.log" 2>&1 &
-echo "log: $demo/operator.log"
-sleep 3
-
-say "kubectl apply -f examples/tiny-llama-cpu.yaml"
-k delete lft -n $ns $run --ignore-not-found >/dev/null
-rm -rf "$demo/pvc/$ns/adapters/$run"
-k apply -n $ns -f examples/tiny-llama-cpu.yaml
-for _ in $(seq 60); do
-  phase=$(k get lft -n $ns $run -o jsonpath='{.status.phase}')
-  [ "$phase" = Running ] && break
+say "the operator, in demo mode (LLAMAOPS_DEV_NODE=$node)"
+LLAMAOPS_DEV_NODE=$node LLAMAOPS_LIVENESS_PORT=$liveness_port $llamaops operator > "$demo/operator.log" 2>&1 &
+echo $! > "$operator_pid"
+for _ in $(seq 120); do
+  $python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$liveness_port/healthz', timeout=1)" \
+    2>/dev/null && break
+  alive "$operator_pid" "llamaops operator" || { err "the operator exited:"; tail -n 20 "$demo/operator.log" >&2; exit 1; }
   sleep 0.5
 done
-k get lft -n $ns
-k get job,configmap,serviceaccount,role,service -n $ns -l llamaops.io/finetune=$run
+echo "log: $demo/operator.log"
 
-say "training (the trainer on this CPU, in the pod's place)"
-spec=$(mktemp)
-k get configmap -n $ns $run-spec -o jsonpath='{.data.spec\.yaml}' > "$spec"
-( while sleep 2; do k get lft -n $ns $run --no-headers 2>/dev/null | sed 's/^/  /'; done ) &
-watcher=$!
-LLAMAOPS_NAME=$run LLAMAOPS_NAMESPACE=$ns LLAMAOPS_PVC_ROOT="$demo/pvc" \
-  .venv/bin/python -m llamaops_trainer --spec "$spec" > "$demo/trainer.log" 2>&1 || {
-    kill $watcher; echo "training failed; see $demo/trainer.log" >&2; tail -20 "$demo/trainer.log" >&2; exit 1; }
-kill $watcher 2>/dev/null || true
-rm -f "$spec"
+say "kubectl apply -f examples/tiny-llama-cpu.yaml"
+k delete lsv -n $ns tiny-llama --ignore-not-found --wait=true >/dev/null
+k delete lft -n $ns $run --ignore-not-found --wait=true >/dev/null
+rm -rf "$demo/pvc/$ns/adapters/$run"
+k apply -n $ns -f examples/tiny-llama-cpu.yaml
 
-# The pod is simulated: record the trainer's exit on it, as the kubelet would.
-pod=$(k get pods -n $ns -l llamaops.io/finetune=$run -o jsonpath='{.items[0].metadata.name}')
-now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-k patch pod -n $ns "$pod" --subresource=status --type=merge -p "{\"status\": {\"phase\": \"Succeeded\",
-  \"containerStatuses\": [{\"name\": \"trainer\", \"image\": \"trainer\", \"imageID\": \"\", \"ready\": false,
-  \"restartCount\": 0, \"state\": {\"terminated\": {\"exitCode\": 0, \"reason\": \"Completed\",
-  \"startedAt\": \"$now\", \"finishedAt\": \"$now\"}}}]}}" >/dev/null
-k wait -n $ns --for=jsonpath='{.status.phase}'=Succeeded lft/$run --timeout=60s >/dev/null
+say "training on the dev node (kubectl get lft, as it changes)"
+k get lft -n $ns $run | head -n 1
+last=""
+phase=""
+for _ in $(seq 1200); do  # up to 10 minutes
+  line=$(k get lft -n $ns $run --no-headers 2>/dev/null || true)
+  if [ -n "$line" ] && [ "${line% *}" != "$last" ]; then  # a change besides AGE
+    echo "$line"
+    last=${line% *}
+  fi
+  phase=$(k get lft -n $ns $run -o jsonpath='{.status.phase}' 2>/dev/null || true)
+  case $phase in Succeeded|Failed) break ;; esac
+  sleep 0.5
+done
+
+if [ "$phase" != Succeeded ]; then
+  if [ "$phase" = Failed ]; then
+    err "the run Failed: $(k get lft -n $ns $run -o jsonpath='{.status.conditions[?(@.type=="Failed")].message}' 2>/dev/null)"
+  else
+    err "the run is still ${phase:-not started} after 10 minutes (operator log: $demo/operator.log)"
+  fi
+  for pod in $(k get pods -n $ns -l llamaops.io/finetune=$run -o jsonpath='{.items[*].metadata.name}'); do
+    podphase=$(k get pod -n $ns "$pod" -o jsonpath='{.status.phase}')
+    log=$demo/devnode/pods/$ns/$pod/trainer.log
+    echo "--- pod $pod ($podphase), last lines of $log:" >&2
+    tail -n 30 "$log" >&2 2>/dev/null || echo "  (no log: the pod never started)" >&2
+  done
+  exit 1
+fi
+
+# ------------------------------------------------------------------ serving
+say "kubectl apply -f examples/tiny-llama-serve.yaml (vLLM serving the adapter; kwok plays its GPU pod)"
+serve=tiny-llama
+k delete lsv -n $ns $serve --ignore-not-found --wait=true >/dev/null
+k apply -n $ns -f examples/tiny-llama-serve.yaml
+sphase=""
+for _ in $(seq 240); do  # up to 2 minutes
+  sphase=$(k get lsv -n $ns $serve -o jsonpath='{.status.phase}' 2>/dev/null || true)
+  case $sphase in Ready|Failed) break ;; esac
+  sleep 0.5
+done
+if [ "$sphase" != Ready ]; then
+  err "the LlamaServe is ${sphase:-not reconciled}: $(k get lsv -n $ns $serve -o jsonpath='{.status.conditions[?(@.status=="False")].message}' 2>/dev/null)"
+  echo "operator log: $demo/operator.log" >&2
+  exit 1
+fi
+echo "vllm serve $(k get deploy -n $ns $serve -o jsonpath='{.spec.template.spec.containers[0].args}')"
 
 say "done"
-k get lft -n $ns -o wide
+k get lft,lsv -n $ns -o wide
+pod=$(k get pods -n $ns -l llamaops.io/finetune=$run -o jsonpath='{.items[0].metadata.name}')
+out=$demo/pvc/$ns/adapters/$run
 echo
 echo "adapter: $(k get lft -n $ns $run -o jsonpath='{.status.adapter.uri}')"
-echo "  = $demo/pvc/$ns/adapters/$run/adapter:"
-ls "$demo/pvc/$ns/adapters/$run/adapter"
-echo
-echo "metrics: $demo/pvc/$ns/adapters/$run/metrics.jsonl"
+echo "  = $out/adapter:"
+ls "$out/adapter" | sed 's/^/    /'
+echo "served:  $(k get lsv -n $ns $serve -o jsonpath='{.status.endpoint}') as model k8s-tiny"
+echo "metrics: $out/metrics.jsonl"
+echo "trainer: $demo/devnode/pods/$ns/$pod/trainer.log"
 echo "events:  KUBECONFIG=$kubeconfig $bin/kubectl get events -n $ns"
-echo "stop:    make cluster-down   (the operator: pkill -f 'llamaops operator')"
+echo "stop:    $teardown   (operator, dev node and cluster)"

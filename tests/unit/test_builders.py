@@ -119,3 +119,25 @@ def test_image_override_and_adapter_location() -> None:
     w = workload(lft(), Settings(trainer_image="registry.local/trainer:1"), Placement())
     assert pod(w.job)["containers"][0]["image"] == "registry.local/trainer:1"
     assert adapter_uri(lft()) == "pvc://adapters/team-a/llama31-8b-lora/adapter"
+
+
+def test_demo_mode_sends_the_gang_to_the_dev_node_on_cpu() -> None:
+    """LLAMAOPS_DEV_NODE: every pod on the dev node (its taint tolerated), no GPUs, one CPU process per pod."""
+    settings = Settings.from_env({"LLAMAOPS_DEV_NODE": "local-cpu"})
+    assert settings.dev_node == "local-cpu" and Settings.from_env({}).dev_node is None
+    w = workload(lft(nodes=2, gpusPerNode=8, gpuProduct="NVIDIA-H100-80GB-HBM3"), settings,
+                 Placement(nodes=("local-cpu",)))
+    p = pod(w.job)
+    ctr = p["containers"][0]
+    assert p["nodeSelector"] == {"kubernetes.io/hostname": "local-cpu"}
+    assert p["tolerations"] == [{"key": "llamaops.io/dev-node", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "nvidia.com/gpu" not in str(ctr["resources"])
+    assert "affinity" not in p  # both pods of the gang share the one dev node
+    assert ctr["args"][:2] == ["--nnodes=2", "--nproc-per-node=1"]
+    assert "--master-addr=llama31-8b-lora-train-0.llama31-8b-lora-train" in ctr["args"]
+    # The dev node's agent registers exactly the taint and label the builder tolerates and selects.
+    from llamaops.builders.finetune import DEV_NODE_KEY, DEV_NODE_TOLERATION
+    from llamaops.devnode import NODE_LABEL, NODE_TAINT
+
+    assert NODE_LABEL == DEV_NODE_KEY and NODE_TAINT["key"] == DEV_NODE_TOLERATION["key"]
+    assert NODE_TAINT["effect"] == DEV_NODE_TOLERATION["effect"]

@@ -24,10 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llamaops.api.contract import EXIT_OK, EXIT_RETRYABLE, NON_RETRYABLE_EXIT_CODES
+from llamaops.api.contract import EXIT_OK, EXIT_RETRYABLE, NON_RETRYABLE_EXIT_CODES, termination_log
 
 ENV_EXIT_DIR = "LLAMAOPS_EXIT_DIR"
-TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes shows it in the pod's status
 
 
 def _count(value: str | None) -> int:
@@ -58,9 +57,10 @@ def termination_message(text: str) -> None:
     directory = os.environ.get(ENV_EXIT_DIR)
     if directory:
         return  # record_exit carries it to the launcher, which writes the one that wins
-    if TERMINATION_LOG.exists() and os.access(TERMINATION_LOG, os.W_OK):
+    path = Path(termination_log())  # Kubernetes shows it in the pod's status
+    if path.exists() and os.access(path, os.W_OK):
         try:
-            TERMINATION_LOG.write_text(text[:4000])
+            path.write_text(text[:4000])
         except OSError:
             pass
 

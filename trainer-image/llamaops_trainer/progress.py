@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llamaops.api.contract import serviceaccount_dir
 from llamaops.api.meta import GROUP, VERSION
 from transformers import TrainerCallback
 
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 PLURAL = "llamafinetunes"
 FIELD_MANAGER = "llamaops-trainer"
-_SA_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
 def _now() -> str:
@@ -39,10 +39,15 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
 
 def _api_client() -> Any:
     from kubernetes import client, config
+    from kubernetes.config.incluster_config import InClusterConfigLoader
 
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and _SA_TOKEN.is_file():
-        config.load_incluster_config()
-        return client.ApiClient()
+    sa = Path(serviceaccount_dir())
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and (sa / "token").is_file():
+        # The pod's own ServiceAccount (its directory moves on the dev node: LLAMAOPS_SERVICEACCOUNT_DIR).
+        configuration = client.Configuration()
+        InClusterConfigLoader(token_filename=str(sa / "token"), cert_filename=str(sa / "ca.crt")).load_and_set(
+            configuration)
+        return client.ApiClient(configuration)
     return config.new_client_from_config()  # $KUBECONFIG or ~/.kube/config
 
 

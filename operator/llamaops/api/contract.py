@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 SPEC_PATH = "/etc/llamaops/spec.yaml"  # the LlamaFineTune manifest, from a ConfigMap
 PVC_ROOT = "/mnt/pvc"  # each PersistentVolumeClaim the run uses is mounted at PVC_ROOT/<claim>
 HF_HOME = "/var/cache/huggingface"
+SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # token, ca.crt, namespace
+TERMINATION_LOG = "/dev/termination-log"  # the container's terminationMessagePath
 
 # Environment the operator sets on training pods.
 ENV_SPEC = "LLAMAOPS_SPEC"
@@ -26,6 +28,9 @@ ENV_NAME = "LLAMAOPS_NAME"  # the LlamaFineTune whose status rank 0 patches
 ENV_NAMESPACE = "LLAMAOPS_NAMESPACE"
 ENV_PVC_ROOT = "LLAMAOPS_PVC_ROOT"  # overrides PVC_ROOT (local runs, the dev node)
 ENV_OUTPUT_DIR = "LLAMAOPS_OUTPUT_DIR"  # overrides the output directory (local runs)
+# Set by the dev node (llamaops.devnode), whose pods are local processes without the pod's filesystem.
+ENV_SERVICEACCOUNT_DIR = "LLAMAOPS_SERVICEACCOUNT_DIR"  # overrides SERVICEACCOUNT_DIR
+ENV_TERMINATION_LOG = "LLAMAOPS_TERMINATION_LOG"  # overrides TERMINATION_LOG
 
 # Trainer exit codes, read by the Job's podFailurePolicy.
 EXIT_OK = 0
@@ -44,6 +49,14 @@ RUN_INFO_FILE = "llamaops.json"
 
 def pvc_root() -> str:
     return os.environ.get(ENV_PVC_ROOT, PVC_ROOT)
+
+
+def serviceaccount_dir() -> str:
+    return os.environ.get(ENV_SERVICEACCOUNT_DIR, SERVICEACCOUNT_DIR)
+
+
+def termination_log() -> str:
+    return os.environ.get(ENV_TERMINATION_LOG, TERMINATION_LOG)
 
 
 def pvc_path(claim: str, path: str | None = None, root: str | None = None) -> str:

@@ -47,6 +47,9 @@ TRAINER_UID = 1000
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
+# Demo mode (Settings.dev_node): the dev node's taint and label (llamaops.devnode registers them).
+DEV_NODE_KEY = "llamaops.io/dev-node"
+DEV_NODE_TOLERATION = {"key": DEV_NODE_KEY, "operator": "Exists", "effect": "NoSchedule"}
 # Time for the trainer to write a checkpoint after SIGTERM (Kubernetes' default is 30 s).
 TERMINATION_GRACE_SECONDS = 120
 
@@ -152,9 +155,9 @@ def _env(lft: LlamaFineTune) -> list[dict[str, Any]]:
     return env
 
 
-def _torchrun_args(lft: LlamaFineTune, names: Names) -> list[str]:
+def _torchrun_args(lft: LlamaFineTune, names: Names, cpu_only: bool = False) -> list[str]:
     res = lft.spec.resources
-    procs = max(res.gpus_per_node, 1)
+    procs = 1 if cpu_only else max(res.gpus_per_node, 1)
     rdzv = [f"--nnodes={res.nodes}", f"--nproc-per-node={procs}"]
     if res.nodes == 1:
         rdzv.append("--standalone")
@@ -165,7 +168,7 @@ def _torchrun_args(lft: LlamaFineTune, names: Names) -> list[str]:
     return [*rdzv, "-m", "llamaops_trainer", "--spec", SPEC_PATH]
 
 
-def _resources(lft: LlamaFineTune) -> dict[str, Any]:
+def _resources(lft: LlamaFineTune, cpu_only: bool = False) -> dict[str, Any]:
     res = lft.spec.resources
     amounts: dict[str, Any] = {}
     if res.cpu:
@@ -173,7 +176,7 @@ def _resources(lft: LlamaFineTune) -> dict[str, Any]:
     if res.memory:
         amounts["memory"] = res.memory
     limits = dict(amounts)
-    if res.gpus_per_node:
+    if res.gpus_per_node and not cpu_only:
         limits[GPU] = str(res.gpus_per_node)
     out: dict[str, Any] = {}
     if amounts:
@@ -224,6 +227,12 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
     tolerations = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in res.tolerations or []]
     if res.gpus_per_node and GPU_TOLERATION not in tolerations:
         tolerations.append(GPU_TOLERATION)
+    demo = settings.dev_node
+    if demo:
+        # Demo mode: the dev node runs every pod of the gang as a local process on its CPU (gloo);
+        # nothing GPU-shaped would schedule there.
+        node_selector = {"kubernetes.io/hostname": demo}
+        tolerations = [t for t in tolerations if t != GPU_TOLERATION] + [DEV_NODE_TOLERATION]
 
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -231,10 +240,10 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
         "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
         # torchrun, wrapped so a rank's exit code (bad config, bad data) survives as the pod's.
         "command": ["python", "-m", "llamaops_trainer.launch"],
-        "args": _torchrun_args(lft, names),
+        "args": _torchrun_args(lft, names, cpu_only=bool(demo)),
         "env": _env(lft),
         "ports": [{"name": "rdzv", "containerPort": MASTER_PORT}],
-        "resources": _resources(lft),
+        "resources": _resources(lft, cpu_only=bool(demo)),
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
@@ -254,7 +263,7 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
         pod["nodeSelector"] = node_selector
     if tolerations:
         pod["tolerations"] = tolerations
-    affinity = _affinity(lft, placement)
+    affinity = None if demo else _affinity(lft, placement)
     if affinity:
         pod["affinity"] = affinity
     if res.priority_class_name:

@@ -1,0 +1,75 @@
+"""The dev node agent (`python -m llamaops.devnode`) as a subprocess of a test, with its pods' files at hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from kubetest import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+NODE = "local-cpu"
+# What pods on the dev node need to reach it: its label, and a toleration of its taint.
+PLACEMENT = {"nodeSelector": {"llamaops.io/dev-node": "true"},
+             "tolerations": [{"key": "llamaops.io/dev-node", "operator": "Exists", "effect": "NoSchedule"}]}
+
+
+class DevNodeProcess:
+    """One dev node agent; `stop()` ends it and removes its Node, so later tests see the cluster as it was."""
+
+    def __init__(self, kubectl, kubeconfig: Path, work_dir: Path, name: str = NODE, cpu: str = "8",
+                 memory: str = "16Gi") -> None:
+        self.kubectl, self.kubeconfig, self.work_dir, self.name = kubectl, kubeconfig, work_dir, name
+        self.cpu, self.memory = cpu, memory
+        self.log = work_dir / "agent.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env.pop("KUBECONFIG", None)  # pods must not find the admin's credentials
+        cmd = [sys.executable, "-m", "llamaops.devnode", f"--kubeconfig={self.kubeconfig}", f"--name={self.name}",
+               f"--work-dir={self.work_dir}", f"--cpu={self.cpu}", f"--memory={self.memory}",
+               "--pass-env=OMP_NUM_THREADS", "--pass-env=HF_HUB_OFFLINE", "--pass-env=PYTHONUNBUFFERED"]
+        with self.log.open("a") as out:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        wait_until(self.ready, f"node {self.name} Ready\n{self.tail()}", timeout=60)
+
+    def ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"the dev node agent exited {self.proc.returncode}:\n{self.tail()}")
+        out = self.kubectl("get", "node", self.name, "-o", "json", check=False)
+        if out.returncode != 0:
+            return False
+        conditions = json.loads(out.stdout)["status"].get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        self.kubectl("delete", "node", self.name, "--ignore-not-found", "--wait=false", check=False)
+        self.kubectl("delete", "lease", "-n", "kube-node-lease", self.name, "--ignore-not-found", check=False)
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+    def pod_dir(self, namespace: str, pod: str) -> Path:
+        return self.work_dir / "pods" / namespace / pod
+
+    def container_log(self, namespace: str, pod: str, container: str) -> str:
+        path = self.pod_dir(namespace, pod) / f"{container}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def record(self, namespace: str, pod: str, container: str) -> dict[str, Any]:
+        """What the agent ran: argv as the pod asked (expanded), the local argv, env names, pid, log."""
+        return json.loads((self.pod_dir(namespace, pod) / f"{container}.json").read_text())
