@@ -4,7 +4,7 @@ PY    ?= python3
 VENV  ?= .venv
 BIN    = $(VENV)/bin
 
-.PHONY: venv binaries crds demo lint test unit cluster-up cluster-down clean
+.PHONY: venv binaries crds chart demo demo-down lint test unit cluster-up cluster-down clean
 
 $(BIN)/llamaops: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ binaries:
 # Render crds/ (and the chart's crds/) from the API models.
 crds: venv
 	$(BIN)/python -m llamaops.api.crdgen
+
+# The Helm chart's generated files (CRDs, RBAC rules from operator/llamaops/rbac.py), then helm lint.
+chart: crds
+	$(BIN)/python -m llamaops.rbac
+	@LLAMAOPS_BIN_DIR=$$(hack/build-binaries.sh) && $$LLAMAOPS_BIN_DIR/helm lint --strict charts/llamaops
 
 lint: venv
 	$(BIN)/ruff check operator trainer-image tests bench
@@ -39,6 +44,10 @@ test: venv
 # The main job on the local control plane (see hack/demo.sh); the cluster stays up.
 demo: venv
 	@hack/demo.sh
+
+# Stop what `make demo` started: the operator, the dev node agent and the cluster.
+demo-down: venv
+	@hack/demo.sh down
 
 cluster-up: venv
 	@LLAMAOPS_BIN_DIR=$$(hack/build-binaries.sh) $(BIN)/llamaops dev-cluster up

@@ -22,6 +22,9 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = "llamaops.io/finalizer"
     # One active replica (Deployment strategy Recreate); no peering objects needed.
     settings.peering.standalone = True
+    # Least privilege (llamaops/rbac.py): no list/watch of CRDs or namespaces. The CRDs must exist
+    # before the operator starts (Helm's crds/, Argo CD's ordering); one added later needs a restart.
+    settings.scanning.disabled = True
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.queueing.worker_limit = None  # required with indexes: no start-up deadlock
@@ -58,6 +61,10 @@ def run(settings: Settings, *, verbose: bool = False) -> None:
     logging.getLogger("kubernetes_asyncio").setLevel(logging.INFO)
 
     async def main() -> None:
+        if settings.metrics_port:
+            from llamaops import metrics
+
+            await metrics.serve(settings.metrics_port)
         api = await connect()
         set_runtime(Runtime(settings=settings, kube=Kube(api)))
         try:

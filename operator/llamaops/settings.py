@@ -9,7 +9,11 @@ from typing import Literal
 QueueMode = Literal["builtin", "kueue"]
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/llamaops/trainer:0.1.0"
-DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
+# The vLLM release whose argument parser bench/vllm_args.py checks our `vllm serve` arguments against.
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
+DEFAULT_OLLAMA_IMAGE = "ollama/ollama:0.12.6"
+# Fetches s3:// adapters for serving (`aws s3 sync` in an init container).
+DEFAULT_ADAPTER_FETCH_IMAGE = "amazon/aws-cli:2.31.13"
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -23,11 +27,17 @@ class Settings:
     kueue_default_queue: str = "default"  # LocalQueue for runs that name none
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     vllm_image: str = DEFAULT_VLLM_IMAGE
+    ollama_image: str = DEFAULT_OLLAMA_IMAGE
+    adapter_fetch_image: str = DEFAULT_ADAPTER_FETCH_IMAGE
     image_pull_policy: str = "IfNotPresent"
     backfill_limit: int = 3
     admission_interval: float = 2.0  # seconds between admission passes when nothing changes
     model_cache_pvc: str | None = None  # a claim per namespace for HF_HOME, shared by runs
     liveness_port: int = 8080
+    # Demo mode: every training pod goes to this dev node (llamaops.devnode: pods as local processes),
+    # trains on its CPU (gloo, no GPUs requested) and is admitted without counting GPUs.
+    dev_node: str | None = None
+    metrics_port: int = 0  # Prometheus /metrics; 0: off (parallel local operators never collide)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -41,9 +51,13 @@ class Settings:
             kueue_default_queue=env.get("LLAMAOPS_KUEUE_QUEUE", "default"),
             trainer_image=env.get("LLAMAOPS_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
             vllm_image=env.get("LLAMAOPS_VLLM_IMAGE", DEFAULT_VLLM_IMAGE),
+            ollama_image=env.get("LLAMAOPS_OLLAMA_IMAGE", DEFAULT_OLLAMA_IMAGE),
+            adapter_fetch_image=env.get("LLAMAOPS_ADAPTER_FETCH_IMAGE", DEFAULT_ADAPTER_FETCH_IMAGE),
             image_pull_policy=env.get("LLAMAOPS_IMAGE_PULL_POLICY", "IfNotPresent"),
             backfill_limit=int(env.get("LLAMAOPS_BACKFILL_LIMIT", "3")),
             admission_interval=float(env.get("LLAMAOPS_ADMISSION_INTERVAL", "2")),
             model_cache_pvc=env.get("LLAMAOPS_MODEL_CACHE_PVC") or None,
             liveness_port=int(env.get("LLAMAOPS_LIVENESS_PORT", "8080")),
+            dev_node=env.get("LLAMAOPS_DEV_NODE") or None,
+            metrics_port=int(env.get("LLAMAOPS_METRICS_PORT") or "0"),
         )

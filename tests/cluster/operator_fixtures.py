@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +27,46 @@ from kubetest import wait_until
 REPO = Path(__file__).resolve().parents[2]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def crd_namespace(kubectl, prefix: str) -> Iterator[str]:
+    """The CRDs installed, and a new namespace for one test module (deleted after it, with its test PVs)."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/llamafinetunes.llamaops.io",
+            "crd/llamaserves.llamaops.io")
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        kubectl("delete", "namespace", name, "--wait=false")
+        kubectl("delete", "pv", "-l", f"llamaops.dev/test-ns={name}", "--wait=false", check=False)
+
+
+@contextmanager
+def running_operator(kubeconfig: Path, log_dir: Path, namespace: str, **env: str) -> Iterator[OperatorProcess]:
+    """An operator managing one namespace, with a fast admission loop."""
+    proc = OperatorProcess(kubeconfig, log_dir / "operator.log",
+                           {"LLAMAOPS_NAMESPACES": namespace, "LLAMAOPS_ADMISSION_INTERVAL": "1", **env})
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 class OperatorProcess:
     """`llamaops operator` as a subprocess, restartable, with its log kept for failures."""
 
     def __init__(self, kubeconfig: Path, log: Path, env: dict[str, str]) -> None:
         self.kubeconfig, self.log, self.env = kubeconfig, log, env
         self.proc: subprocess.Popen | None = None
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
 
     def start(self) -> None:
         """Start it and wait until its liveness endpoint answers."""

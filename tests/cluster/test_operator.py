@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from operator_fixtures import REPO, Cluster, OperatorProcess, gpu_pods_gone, wait_until
+from operator_fixtures import Cluster, OperatorProcess, crd_namespace, gpu_pods_gone, running_operator, wait_until
 
 pytestmark = pytest.mark.cluster
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -18,23 +17,15 @@ H100 = "NVIDIA-H100-80GB-HBM3"
 
 @pytest.fixture(scope="module")
 def ops_ns(kubectl) -> Iterator[str]:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/llamafinetunes.llamaops.io")
-    name = f"ops-{secrets.token_hex(3)}"
-    kubectl("create", "namespace", name)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false")
-    kubectl("delete", "pv", "-l", f"llamaops.dev/test-ns={name}", "--wait=false", check=False)
+    with crd_namespace(kubectl, "ops") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
 def operator(ops_ns: str, kubeconfig: Path, kubectl, tmp_path_factory) -> Iterator[OperatorProcess]:
     gpu_pods_gone(kubectl)
-    proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", {
-        "LLAMAOPS_NAMESPACES": ops_ns, "LLAMAOPS_ADMISSION_INTERVAL": "1"})
-    proc.start()
-    yield proc
-    proc.stop()
+    with running_operator(kubeconfig, tmp_path_factory.mktemp("operator"), ops_ns) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +190,10 @@ def test_suspend_frees_gpus_and_resume_requeues(c: Cluster) -> None:
     wait_until(lambda: c.job("pausable") is None, "the Job of the suspended run to go")
     c.wait_phase("waiting", "Running", timeout=20)
     c.kubectl("patch", "-n", c.ns, "lft", "pausable", "--type=merge", "-p", '{"spec": {"suspend": false}}')
-    status = c.wait_phase("pausable", "Queued")
-    assert status["queuePosition"] == 1  # needs two whole nodes; one is busy
+    c.wait_phase("pausable", "Queued")
+    # The admission loop sets the position just after the phase: wait for it.
+    wait_until(lambda: c.status("pausable").get("queuePosition"), "pausable's queue position")
+    assert c.status("pausable")["queuePosition"] == 1  # needs two whole nodes; one is busy
     c.finish_pods("waiting")
     c.wait_phase("pausable", "Running", timeout=20)
 

@@ -4,7 +4,6 @@ keep every replica serving, refusals, edits, clean-up. kwok makes the serving po
 from __future__ import annotations
 
 import json
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 from api_cases import example
-from operator_fixtures import REPO, Cluster, OperatorProcess, wait_until
+from operator_fixtures import Cluster, OperatorProcess, crd_namespace, running_operator, wait_until
 
 pytestmark = pytest.mark.cluster
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
@@ -84,23 +83,14 @@ class ReadyWatch:
 
 @pytest.fixture(scope="module")
 def serve_ns(kubectl) -> Iterator[str]:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/llamafinetunes.llamaops.io",
-            "crd/llamaserves.llamaops.io")
-    name = f"serve-{secrets.token_hex(3)}"
-    kubectl("create", "namespace", name)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false")
-    kubectl("delete", "pv", "-l", f"llamaops.dev/test-ns={name}", "--wait=false", check=False)
+    with crd_namespace(kubectl, "serve") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
 def operator(serve_ns: str, kubeconfig: Path, tmp_path_factory) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", {
-        "LLAMAOPS_NAMESPACES": serve_ns, "LLAMAOPS_ADMISSION_INTERVAL": "1"})
-    proc.start()
-    yield proc
-    proc.stop()
+    with running_operator(kubeconfig, tmp_path_factory.mktemp("operator"), serve_ns) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

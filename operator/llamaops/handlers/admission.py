@@ -10,6 +10,7 @@ from typing import Any
 
 import kopf
 
+from llamaops import metrics
 from llamaops import status as st
 from llamaops.builders.finetune import Names, Placement
 from llamaops.builders.naming import LABEL_COMPONENT, LABEL_FINETUNE
@@ -71,6 +72,14 @@ def _created(value: str | None) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else 0.0
 
 
+def queued_run(key: str, r: dict[str, Any], overtaken: int, dev_node: str | None = None) -> QueuedRun:
+    """A Queued run as the queue sees it. Demo mode (a dev node): it holds no GPUs, like a CPU run."""
+    if dev_node:
+        return QueuedRun(key, r["priority"], _created(r["created"]), r["nodes"], 0, overtaken=overtaken)
+    return QueuedRun(key, r["priority"], _created(r["created"]), r["nodes"], r["gpus_per_node"],
+                     r["gpu_product"], r["node_selector"], r["tolerations"], overtaken)
+
+
 def _values(index: kopf.Index) -> list[Any]:
     return [v for store in index.values() for v in store]
 
@@ -94,9 +103,7 @@ class Admitter:
             if r["phase"] in ACTIVE and r["assigned_nodes"]:
                 held[key] = (r["assigned_nodes"], r["gpus_per_node"])
             elif r["phase"] == "Queued" and not r["suspend"] and r["in_scope"] and key not in self.in_flight:
-                queued.append(QueuedRun(key, r["priority"], _created(r["created"]), r["nodes"], r["gpus_per_node"],
-                                        r["gpu_product"], r["node_selector"], r["tolerations"],
-                                        self.rt.overtaken.get(key, 0)))
+                queued.append(queued_run(key, r, self.rt.overtaken.get(key, 0), self.rt.settings.dev_node))
         held.update(self.in_flight)
         # Pods of admitted runs are counted through their reservation (they may not be bound yet);
         # every other GPU pod (leftovers of our stopped runs included) through its requests.
@@ -120,6 +127,7 @@ class Admitter:
                     await self._admit(key, nodes)
                 except Exception:  # one bad run must not stop the queue
                     log.exception("admitting %s failed", key)
+                    metrics.reconcile_error("admit")
                     self.in_flight.pop(key, None)
 
         async def report_position(key: str, position: int, reason: str) -> None:
@@ -159,6 +167,8 @@ class Admitter:
             self.in_flight.pop(key, None)
             return
         lft = parse(body)
+        if not nodes and self.rt.settings.dev_node:
+            nodes = [self.rt.settings.dev_node]  # demo mode: the dev node runs the whole gang
         await create_workload(self.rt, lft, Placement(nodes=tuple(nodes)))
         gen = body["metadata"].get("generation")
         conditions = list((body.get("status") or {}).get("conditions") or [])
@@ -169,6 +179,7 @@ class Admitter:
             "phase": "Admitted", "queuePosition": None, "assignedNodes": nodes, "conditions": conditions,
             "runHash": run_hash(lft.spec), "jobName": Names.of(name).job})
         await self.rt.kube.event(body, "Normal", reason="Admitted", message=f"all {len(nodes) or 1} node(s) fit: {where}")
+        metrics.admitted(body.get("status"), "builtin")
 
 
 async def admission_loop(rt: Runtime, admitter: Admitter) -> None:
@@ -185,6 +196,7 @@ async def admission_loop(rt: Runtime, admitter: Admitter) -> None:
             raise
         except Exception:
             log.exception("admission pass failed; retrying")
+            metrics.reconcile_error("admission")
             await asyncio.sleep(1)
 
 
@@ -192,6 +204,7 @@ async def admission_loop(rt: Runtime, admitter: Admitter) -> None:
 async def start_admission(memo: kopf.Memo, finetune_index: kopf.Index, node_index: kopf.Index,
                           gpu_pod_index: kopf.Index, **_: Any) -> None:
     rt = runtime()
+    metrics.track(finetune_index)
     if rt.settings.queue_mode != "builtin":
         return
     memo["admission"] = asyncio.create_task(

@@ -7,6 +7,7 @@ from typing import Any
 
 import kopf
 
+from llamaops import metrics
 from llamaops import status as st
 from llamaops.api.validation import validate_finetune
 from llamaops.builders.finetune import Names, Placement
@@ -44,12 +45,14 @@ def finetune_index(namespace: str, name: str, body: kopf.Body, meta: kopf.Meta, 
         "assigned_nodes": list(status.get("assignedNodes") or []),
         "run_hash": status.get("runHash"),
         "conditions": list(status.get("conditions") or []),
+        "progress": dict(status.get("progress") or {}),  # for metrics.py (loss, steps)
     }}
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL, when=in_scope)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", when=in_scope)
 @kopf.on.resume(GROUP, VERSION, PLURAL, when=in_scope)
+@metrics.count_errors("reconcile")
 async def reconcile(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, reason: kopf.Reason,
                     logger: logging.Logger, **_: Any) -> None:
     rt = runtime()

@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 
+from llamaops import metrics
 from llamaops import status as st
 from llamaops.builders.finetune import CONTAINER, Placement, adapter_uri
 from llamaops.builders.naming import ANNOTATION_RUN_HASH, LABEL_COMPONENT, MANAGED_BY
@@ -49,6 +50,7 @@ async def _failure_tail(namespace: str, job_name: str) -> tuple[int | None, str]
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY, LABEL_COMPONENT: "trainer"})
+@metrics.count_errors("job_event")
 async def job_event(type: str, body: kopf.Body, namespace: str, logger: logging.Logger, **_: Any) -> None:  # noqa: A002
     rt = runtime()
     owner = _owner(body)
@@ -87,6 +89,7 @@ async def job_event(type: str, body: kopf.Body, namespace: str, logger: logging.
         conditions = st.set_condition(conditions, st.SUCCEEDED, True, "Completed", f"adapter at {adapter['uri']}", gen)
         await patch({"phase": "Succeeded", "conditions": conditions, "adapter": adapter,
                      "completionTime": st.now(), "assignedNodes": None})
+        metrics.finished(status, "Succeeded")
         await rt.kube.event(lft_body, "Normal", reason="Succeeded", message=f"adapter at {adapter['uri']}")
         rt.wake.set()
         return
@@ -115,6 +118,7 @@ async def job_event(type: str, body: kopf.Body, namespace: str, logger: logging.
         conditions = st.set_condition(conditions, st.FAILED, True, reason, detail, gen)
         await patch({"phase": "Failed", "conditions": conditions, "completionTime": st.now(),
                      "assignedNodes": None})
+        metrics.finished(status, "Failed")
         await rt.kube.event(lft_body, "Warning", reason=reason, message=detail[:1024])
         rt.wake.set()
         return
@@ -126,6 +130,7 @@ async def job_event(type: str, body: kopf.Body, namespace: str, logger: logging.
         conditions = st.set_condition(conditions, st.QUEUED, False, "Admitted", "admitted by Kueue", gen)
         conditions = st.set_condition(conditions, st.ADMITTED, True, "Admitted", "admitted by Kueue", gen)
         await patch({"phase": "Admitted", "conditions": conditions, "queuePosition": None})
+        metrics.admitted(status, "kueue")
         phase = "Admitted"
     if phase == "Admitted" and (job_status.get("ready") or 0) > 0:
         conditions = st.set_condition(conditions, st.RUNNING, True, "Started",

@@ -23,6 +23,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from llamaops import metrics
 from llamaops import status as st
 from llamaops.api import LlamaServe
 from llamaops.api.finetune import LlamaFineTune
@@ -275,9 +276,11 @@ async def refresh(namespace: str, name: str, dep: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- triggers
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL, when=in_scope)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", when=in_scope)
-@kopf.on.resume(GROUP, VERSION, PLURAL, when=in_scope)
+# A failed reconcile (an API error, a refused write) is retried after 10 s, not kopf's default 60 s.
+@kopf.on.create(GROUP, VERSION, PLURAL, when=in_scope, backoff=10)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", when=in_scope, backoff=10)
+@kopf.on.resume(GROUP, VERSION, PLURAL, when=in_scope, backoff=10)
+@metrics.count_errors("serve")
 async def serve_changed(namespace: str, name: str, **_: Any) -> None:
     await reconcile(namespace, name)
 
