@@ -105,7 +105,8 @@ k() { "$bin/kubectl" "$@"; }
 say "the dev node: pods bound to '$node' run as processes of this venv"
 cpus=$(nproc)
 [ "$cpus" -lt 2 ] && cpus=2  # the example asks for 2 CPUs; the dev node time-shares them
-$python -m llamaops.devnode --kubeconfig "$kubeconfig" --name $node --work-dir "$demo/devnode" \
+# The trainer patches status every second (not 5), so the short demo run shows its progress.
+LLAMAOPS_PROGRESS_INTERVAL=1 $python -m llamaops.devnode --kubeconfig "$kubeconfig" --name $node --work-dir "$demo/devnode" \
   --cpu "$cpus" --pid-file "$devnode_pid" > "$demo/devnode.log" 2>&1 &
 echo $! > "$devnode_pid"
 ready=""

@@ -31,6 +31,8 @@ ENV_OUTPUT_DIR = "LLAMAOPS_OUTPUT_DIR"  # overrides the output directory (local 
 # Set by the dev node (llamaops.devnode), whose pods are local processes without the pod's filesystem.
 ENV_SERVICEACCOUNT_DIR = "LLAMAOPS_SERVICEACCOUNT_DIR"  # overrides SERVICEACCOUNT_DIR
 ENV_TERMINATION_LOG = "LLAMAOPS_TERMINATION_LOG"  # overrides TERMINATION_LOG
+# Seconds between rank 0's status patches (default 5): tests of short runs lower it.
+ENV_PROGRESS_INTERVAL = "LLAMAOPS_PROGRESS_INTERVAL"
 
 # Trainer exit codes, read by the Job's podFailurePolicy.
 EXIT_OK = 0

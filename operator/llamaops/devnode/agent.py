@@ -25,7 +25,8 @@ TERMINAL = ("Succeeded", "Failed")
 # The host environment a pod's processes see (besides what the pod declares): enough to run this venv.
 BASE_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
 # Handy on a shared CPU: threads per process, offline Hugging Face.
-DEFAULT_PASS_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+DEFAULT_PASS_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                    "LLAMAOPS_PROGRESS_INTERVAL")
 
 
 @dataclass
