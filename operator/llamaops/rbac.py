@@ -43,6 +43,8 @@ from typing import Any, Literal
 
 import yaml
 
+from llamaops.api.manifests import sync_generated
+
 Scope = Literal["cluster", "watch", "namespaced"]
 SCOPES: tuple[Scope, ...] = ("cluster", "watch", "namespaced")
 
@@ -153,22 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the chart's rule files are stale")
     args = parser.parse_args(argv)
-    stale = []
-    for name, text in rendered_files().items():
-        path = CHART_RULES_DIR / name
-        if path.exists() and path.read_text() == text:
-            continue
-        if args.check:
-            stale.append(str(path))
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path.relative_to(REPO_ROOT)}")
-    if stale:
-        print("stale RBAC rule files (run `make chart`): " + ", ".join(stale), file=sys.stderr)
-        return 1
-    return 0
-
+    files = {CHART_RULES_DIR / name: text for name, text in rendered_files().items()}
+    return sync_generated(files, check=args.check, root=REPO_ROOT, what="RBAC rule files", command="make chart")
 
 if __name__ == "__main__":
     sys.exit(main())

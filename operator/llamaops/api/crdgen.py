@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from llamaops.api.finetune import FineTuneSpec, FineTuneStatus
+from llamaops.api.manifests import sync_generated
 from llamaops.api.meta import GROUP, VERSION
 from llamaops.api.schema import openapi_schema
 from llamaops.api.serve import LlamaServeSpec, LlamaServeStatus
@@ -124,26 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed CRDs are stale")
     args = parser.parse_args(argv)
     rendered = {name: dump(obj) for name, obj in render().items()}
-    stale: list[str] = []
-    for out_dir in OUTPUT_DIRS:
-        if out_dir != OUTPUT_DIRS[0] and not out_dir.parent.is_dir():
-            continue  # the chart does not exist yet
-        for name, text in rendered.items():
-            path = out_dir / name
-            current = path.read_text() if path.exists() else None
-            if current == text:
-                continue
-            if args.check:
-                stale.append(str(path.relative_to(REPO_ROOT)))
-            else:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-                print(f"wrote {path.relative_to(REPO_ROOT)}")
-    if stale:
-        print("stale CRDs (run `make crds`): " + ", ".join(stale), file=sys.stderr)
-        return 1
-    return 0
-
+    files = {out_dir / name: text
+             for out_dir in OUTPUT_DIRS
+             if out_dir == OUTPUT_DIRS[0] or out_dir.parent.is_dir()  # the chart may not exist
+             for name, text in rendered.items()}
+    return sync_generated(files, check=args.check, root=REPO_ROOT, what="CRDs", command="make crds")
 
 if __name__ == "__main__":
     sys.exit(main())
