@@ -123,6 +123,15 @@ class Cluster:
         return wait_until(lambda: self.status(name) if self.status(name).get("phase") == phase else None,
                         f"{name} to be {phase} (status: {self.status(name)})", timeout)
 
+    def reset(self, kinds: str, children: str, timeout: float = 60) -> None:
+        """After a test: delete every object of `kinds`, wait for the collector to remove their `children`,
+        then force the remaining pods away (kwok's pods have no kubelet to finish them)."""
+        self.kubectl("delete", kinds, "--all", "-n", self.ns, "--wait=true", "--timeout=60s")
+        wait_until(lambda: not (self.get(children) or {}).get("items"), f"{children} to be collected",
+                   timeout=timeout)
+        self.kubectl("delete", "pods", "--all", "-n", self.ns, "--grace-period=0", "--force", check=False)
+        wait_until(lambda: not (self.get("pods") or {}).get("items"), "pods to go", timeout=60)
+
     def volumes(self, *claims: str) -> None:
         """Claims bound to hostPath volumes, so training pods can be scheduled."""
         for claim in claims:

@@ -42,10 +42,7 @@ def c(operator: OperatorProcess, ops_ns: str, kubectl, volumes: Path, request) -
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(f"--- operator log ---\n{operator.tail(150)}")
-    kubectl("delete", "lft", "--all", "-n", ops_ns, "--wait=true", "--timeout=60s")
-    wait_until(lambda: not (cluster.get("jobs") or {}).get("items"), "jobs to be collected", timeout=60)
-    kubectl("delete", "pods", "--all", "-n", ops_ns, "--grace-period=0", "--force", check=False)
-    wait_until(lambda: not (cluster.get("pods") or {}).get("items"), "pods to go", timeout=60)
+    cluster.reset("lft", "jobs")
 
 
 def _args(job: dict) -> list[str]:

@@ -107,11 +107,7 @@ def c(operator: OperatorProcess, serve_ns: str, kubectl, volumes: Path, request)
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(f"--- operator log ---\n{operator.tail(150)}")
-    kubectl("delete", "lsv,lft", "--all", "-n", serve_ns, "--wait=true", "--timeout=60s")
-    wait_until(lambda: not (cluster.get("deployments") or {}).get("items"), "deployments to be collected",
-               timeout=90)
-    kubectl("delete", "pods", "--all", "-n", serve_ns, "--grace-period=0", "--force", check=False)
-    wait_until(lambda: not (cluster.get("pods") or {}).get("items"), "pods to go", timeout=60)
+    cluster.reset("lsv,lft", "deployments", timeout=90)
 
 
 def test_serve_with_a_direct_adapter_goes_ready(c: Serving) -> None:

@@ -37,6 +37,7 @@ from llamaops.builders.naming import (
     labels,
     metadata,
 )
+from llamaops.builders.scheduling import GPU, GPU_TOLERATION, cpu_memory, node_selector, tolerations
 from llamaops.lifecycle import run_hash
 from llamaops.settings import Settings
 
@@ -45,8 +46,6 @@ CONTAINER = "trainer"
 MASTER_PORT = 29500
 TRAINER_UID = 1000
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-GPU = "nvidia.com/gpu"
-GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
 # Demo mode (Settings.dev_node): the dev node's taint and label (llamaops.devnode registers them).
 DEV_NODE_KEY = "llamaops.io/dev-node"
 DEV_NODE_TOLERATION = {"key": DEV_NODE_KEY, "operator": "Exists", "effect": "NoSchedule"}
@@ -170,11 +169,7 @@ def _torchrun_args(lft: LlamaFineTune, names: Names, cpu_only: bool = False) -> 
 
 def _resources(lft: LlamaFineTune, cpu_only: bool = False) -> dict[str, Any]:
     res = lft.spec.resources
-    amounts: dict[str, Any] = {}
-    if res.cpu:
-        amounts["cpu"] = res.cpu
-    if res.memory:
-        amounts["memory"] = res.memory
+    amounts = cpu_memory(res)
     limits = dict(amounts)
     if res.gpus_per_node and not cpu_only:
         limits[GPU] = str(res.gpus_per_node)
@@ -221,18 +216,14 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
         volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, **ro}})
         mounts.append({"name": f"pvc-{i}", "mountPath": pvc_path(claim, root=PVC_ROOT), **ro})
 
-    node_selector = dict(res.node_selector or {})
-    if res.gpu_product:
-        node_selector["nvidia.com/gpu.product"] = res.gpu_product
-    tolerations = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in res.tolerations or []]
-    if res.gpus_per_node and GPU_TOLERATION not in tolerations:
-        tolerations.append(GPU_TOLERATION)
+    selector = node_selector(res)
+    tols = tolerations(res, gpus=bool(res.gpus_per_node))
     demo = settings.dev_node
     if demo:
         # Demo mode: the dev node runs every pod of the gang as a local process on its CPU (gloo);
         # nothing GPU-shaped would schedule there.
-        node_selector = {"kubernetes.io/hostname": demo}
-        tolerations = [t for t in tolerations if t != GPU_TOLERATION] + [DEV_NODE_TOLERATION]
+        selector = {"kubernetes.io/hostname": demo}
+        tols = [t for t in tols if t != GPU_TOLERATION] + [DEV_NODE_TOLERATION]
 
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -259,10 +250,10 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
         "containers": [container],
         "volumes": volumes,
     }
-    if node_selector:
-        pod["nodeSelector"] = node_selector
-    if tolerations:
-        pod["tolerations"] = tolerations
+    if selector:
+        pod["nodeSelector"] = selector
+    if tols:
+        pod["tolerations"] = tols
     affinity = None if demo else _affinity(lft, placement)
     if affinity:
         pod["affinity"] = affinity

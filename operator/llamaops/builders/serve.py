@@ -32,13 +32,12 @@ from llamaops.builders.naming import (
     labels,
     metadata,
 )
+from llamaops.builders.scheduling import GPU, cpu_memory, node_selector, tolerations
 from llamaops.settings import Settings
 
 KIND = "LlamaServe"
 CONTAINER = "server"
 COMPONENT = "server"
-GPU = "nvidia.com/gpu"
-GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
 # Pod template annotation: hash of everything resolved outside the spec (adapters, chat
 # template), so a re-trained adapter at the same location still rolls the pods.
 ANNOTATION_CONFIG_HASH = "llamaops.io/config-hash"
@@ -271,12 +270,7 @@ def _probes(lsv: LlamaServe) -> dict[str, Any]:
 
 
 def _resources(lsv: LlamaServe) -> dict[str, Any]:
-    res = lsv.spec.resources
-    amounts: dict[str, Any] = {}
-    if res.cpu:
-        amounts["cpu"] = res.cpu
-    if res.memory:
-        amounts["memory"] = res.memory
+    amounts = cpu_memory(lsv.spec.resources)
     gpus = str(lsv.spec.vllm.tensor_parallel_size)
     return {"requests": {**amounts, GPU: gpus}, "limits": {**amounts, GPU: gpus}}
 
@@ -394,16 +388,11 @@ def deployment(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Setti
     template = chat_template(lsv, adapters) if spec.runtime == "vllm" else None
     vols = _volumes(lsv, adapters, settings, template)
     container = _server_container(lsv, adapters, settings, template, vols)
-    node_selector = dict(res.node_selector or {})
-    if res.gpu_product:
-        node_selector["nvidia.com/gpu.product"] = res.gpu_product
-    tolerations = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in res.tolerations or []]
-    if GPU_TOLERATION not in tolerations:
-        tolerations.append(GPU_TOLERATION)
+    placement = node_selector(res)
     pod: dict[str, Any] = {
         "containers": [container],
         "volumes": vols.volumes,
-        "tolerations": tolerations,
+        "tolerations": tolerations(res, gpus=True),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "enableServiceLinks": False,  # a Service named "vllm" would otherwise set VLLM_PORT and confuse vLLM
@@ -411,8 +400,8 @@ def deployment(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Setti
     init = _s3_fetch(lsv, adapters, settings)
     if init:
         pod["initContainers"] = init
-    if node_selector:
-        pod["nodeSelector"] = node_selector
+    if placement:
+        pod["nodeSelector"] = placement
     if res.priority_class_name:
         pod["priorityClassName"] = res.priority_class_name
     if spec.image_pull_secrets:
