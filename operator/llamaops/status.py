@@ -13,10 +13,24 @@ RUNNING = "Running"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
+# Condition types of a LlamaServe (with VALID and FAILED above).
+ADAPTERS_READY = "AdaptersReady"
+AVAILABLE = "Available"
+PROGRESSING = "Progressing"
 
 
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An RFC 3339 timestamp of the API server ("2026-01-01T12:00:00Z"); None when empty or malformed."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: bool | str, reason: str,
@@ -41,6 +55,14 @@ def set_condition(conditions: list[dict[str, Any]] | None, type_: str, status: b
 
 def condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
     return next((c for c in conditions or [] if c.get("type") == type_), None)
+
+
+def clear_condition(conditions: list[dict[str, Any]], type_: str, reason: str,
+                    generation: int | None = None) -> list[dict[str, Any]]:
+    """The conditions with `type_` set to False, if it is there at all (an absent condition stays absent)."""
+    if condition(conditions, type_) is None:
+        return conditions
+    return set_condition(conditions, type_, False, reason, "", generation)
 
 
 def is_true(conditions: list[dict[str, Any]] | None, type_: str) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+from llamaops.api.chat_template import DATE_STRING
 from llamaops.api.finetune import DatasetSpec, FineTuneSpec
 
 from llamaops_trainer.errors import BadConfig, BadData
@@ -26,9 +27,13 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool", "ipython")
 # Llama 3.1/3.2 templates write "Today Date" into the system block (3.2 from the
-# clock); a fixed date keeps tokenisation identical from one day (and restart) to the next.
-TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
-# Used only when a tokenizer has Llama 3's special tokens but no template of its own.
+# clock); a fixed date keeps tokenisation identical from one day (and restart) to the next. The served
+# Llama 3.1 template defaults to the same date (llamaops.api.chat_template).
+TEMPLATE_KWARGS = {"date_string": DATE_STRING}
+# Used only when a tokenizer has Llama 3's special tokens but no template of its own. Unlike Meta's
+# Llama 3 template (llamaops.api.chat_template.LLAMA3_TEMPLATE) it writes bos_token even for an empty
+# conversation, so a conversation that opens with an assistant turn still has a generation prompt to
+# locate that turn after.
 LLAMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"

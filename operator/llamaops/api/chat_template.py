@@ -13,8 +13,9 @@ template is the same rule written in Jinja followed by the model's template:
 The Llama 3.x templates here render what the published ones render for
 text conversations (system, user, assistant turns; tool results as ipython
 turns): Meta-Llama-3 for family 3, the 3.1 template (also 3.2's and 3.3's) for
-the others, with the date the trainer fixes (TEMPLATE_KWARGS in the trainer)
-as the default, so the system block does not change from one day to the next.
+the others, with the date the trainer fixes (DATE_STRING, which the trainer's
+TEMPLATE_KWARGS passes) as the default, so the system block does not change
+from one day to the next.
 Pure: no Kubernetes, no tokenizer.
 """
 
@@ -24,10 +25,12 @@ import json
 
 from llamaops.api import catalog
 
-# The date the trainer passes as date_string (llamaops_trainer.data.TEMPLATE_KWARGS).
+# The date the trainer passes as date_string (llamaops_trainer.data.TEMPLATE_KWARGS is built from it).
 DATE_STRING = "26 Jul 2024"
 
-# Meta-Llama-3-*-Instruct's template (also the trainer's fallback for tokenizers without one).
+# Meta-Llama-3-*-Instruct's template (also the tiny test model's, llamaops_trainer.tiny). Not the trainer's
+# fallback for tokenizers without a template (llamaops_trainer.data.LLAMA3_CHAT_TEMPLATE): that one writes
+# bos_token even for an empty conversation, so both render the same only for conversations with a message.
 LLAMA3_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
     "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim "

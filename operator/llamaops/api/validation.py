@@ -221,9 +221,13 @@ def validate_finetune(manifest: Mapping[str, Any]) -> Result:
     return Result("LlamaFineTune", name, lft, problems, plan)
 
 
-def validate_serve(manifest: Mapping[str, Any],
-                   finetunes: Mapping[str, LlamaFineTune] | None = None) -> Result:
-    """`finetunes`, when given, are the LlamaFineTunes of the namespace by name."""
+def validate_serve(manifest: Mapping[str, Any], finetunes: Mapping[str, LlamaFineTune] | None = None, *,
+                   warn_missing: bool = True) -> Result:
+    """`finetunes`, when given, are the LlamaFineTunes of the namespace by name.
+
+    A fineTuneRef not among them is a warning, unless `warn_missing` is False (the
+    operator reports such an adapter as awaited instead).
+    """
     name = (manifest.get("metadata") or {}).get("name", "")
     try:
         lsv = LlamaServe.model_validate(dict(manifest))
@@ -264,8 +268,9 @@ def validate_serve(manifest: Mapping[str, Any],
         if adapter.fine_tune_ref and finetunes is not None:
             ref = finetunes.get(adapter.fine_tune_ref)
             if ref is None:
-                problems.append(Problem(f"{path}.fineTuneRef",
-                                        f'LlamaFineTune "{adapter.fine_tune_ref}" does not exist', "warning"))
+                if warn_missing:
+                    problems.append(Problem(f"{path}.fineTuneRef",
+                                            f'LlamaFineTune "{adapter.fine_tune_ref}" does not exist', "warning"))
             else:
                 # What the run reports once it finished (the trainer's real rank), else what it will train.
                 done = ref.status.adapter if ref.status is not None and ref.status.adapter is not None else None

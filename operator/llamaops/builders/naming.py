@@ -9,6 +9,7 @@ app.kubernetes.io/instance) and would prune copies as their own.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 from llamaops.api.meta import API_VERSION
@@ -56,6 +57,14 @@ def labels(kind_label: str, owner: str, component: str) -> dict[str, str]:
 def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": kind, "name": name, "uid": uid,
             "controller": True, "blockOwnerDeletion": True}
+
+
+def controller_of(body: Mapping[str, Any], kind: str) -> str | None:
+    """The name of the `kind` object that controls `body` (its controller owner reference), if any."""
+    for ref in body["metadata"].get("ownerReferences") or []:
+        if ref.get("kind") == kind and ref.get("controller"):
+            return ref["name"]
+    return None
 
 
 def metadata(name: str, namespace: str, owner_kind: str, owner: str, uid: str, lbls: dict[str, str],

@@ -18,7 +18,7 @@ import json
 import math
 import shlex
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from llamaops.api import LlamaServe
 from llamaops.api.chat_template import served_template
@@ -34,6 +34,7 @@ from llamaops.builders.naming import (
 )
 from llamaops.builders.scheduling import GPU, cpu_memory, node_selector, tolerations
 from llamaops.settings import Settings
+from llamaops.status import condition
 
 KIND = "LlamaServe"
 CONTAINER = "server"
@@ -353,7 +354,7 @@ def _volumes(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Setting
 
 
 def _server_container(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Settings,
-                      template: str | None, vols: _Volumes) -> dict[str, Any]:
+                      template: str | None, models: list[str], vols: _Volumes) -> dict[str, Any]:
     spec = lsv.spec
     ctr: dict[str, Any] = {
         "name": CONTAINER,
@@ -372,7 +373,7 @@ def _server_container(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     if spec.runtime == "ollama":
-        ctr["command"] = ["/bin/sh", "-c", ollama_script(lsv, adapters)]
+        ctr["command"] = ["/bin/sh", "-c", ollama_script(models)]
         ctr["env"].append({"name": "OLLAMA_HOST", "value": f"0.0.0.0:{OLLAMA_PORT}"})
         if spec.vllm.max_model_len:
             ctr["env"].append({"name": "OLLAMA_CONTEXT_LENGTH", "value": str(spec.vllm.max_model_len)})
@@ -384,10 +385,16 @@ def _server_container(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings
 
 
 def deployment(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Settings) -> dict[str, Any]:
+    """The Deployment alone (`workload` builds it with the rest)."""
+    return workload(lsv, adapters, settings).deployment
+
+
+def _deployment(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Settings, template: str | None,
+                models: list[str]) -> dict[str, Any]:
+    """`template`: the vLLM chat template (None: the tokenizer's); `models`: the Ollama models to create, in order."""
     spec, res = lsv.spec, lsv.spec.resources
-    template = chat_template(lsv, adapters) if spec.runtime == "vllm" else None
     vols = _volumes(lsv, adapters, settings, template)
-    container = _server_container(lsv, adapters, settings, template, vols)
+    container = _server_container(lsv, adapters, settings, template, models, vols)
     placement = node_selector(res)
     pod: dict[str, Any] = {
         "containers": [container],
@@ -487,14 +494,15 @@ def modelfiles(lsv: LlamaServe, adapters: list[ResolvedAdapter]) -> list[tuple[s
     return files
 
 
-def ollama_script(lsv: LlamaServe, adapters: list[ResolvedAdapter]) -> str:
+def ollama_script(models: list[str]) -> str:
     """Start the server, create every model from its Modelfile, mark the replica started, stay with the server.
 
-    The startup probe waits for the marker, so the Service sends no traffic before every model exists.
+    `models` are the names of `modelfiles`, in order (ConfigMap key model-<i>). The startup probe waits
+    for the marker, so the Service sends no traffic before every model exists.
     """
     steps = ["set -e", f"rm -f {OLLAMA_READY}", "ollama serve &", "pid=$!",
              "until ollama list >/dev/null 2>&1; do sleep 1; done"]
-    for i, (model, _) in enumerate(modelfiles(lsv, adapters)):
+    for i, model in enumerate(models):
         steps.append(f"ollama create {shlex.quote(model)} -f {MODELFILE_DIR}/model-{i}")
     steps += [f"touch {OLLAMA_READY}", "wait $pid"]
     return "\n".join(steps)
@@ -507,44 +515,62 @@ def workload(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Setting
     """All children of a LlamaServe. Raises ServeError when the adapters cannot be served together."""
     n = names(lsv)
     config_maps = []
+    template: str | None = None
+    files: list[tuple[str, str]] = []
     if lsv.spec.runtime == "vllm":
         template = chat_template(lsv, adapters)
         if template is not None:
             config_maps.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(lsv, n["chat"], COMPONENT),
                                 "data": {CHAT_TEMPLATE_FILE: template}})
     else:
+        files = modelfiles(lsv, adapters)
         config_maps.append({"apiVersion": "v1", "kind": "ConfigMap",
                             "metadata": _meta(lsv, n["modelfiles"], COMPONENT),
-                            "data": {f"model-{i}": doc for i, (_, doc) in enumerate(modelfiles(lsv, adapters))}})
-    return ServeWorkload(deployment=deployment(lsv, adapters, settings), service=service(lsv),
-                         config_maps=config_maps, pdb=pdb(lsv), hpa=hpa(lsv))
+                            "data": {f"model-{i}": doc for i, (_, doc) in enumerate(files)}})
+    dep = _deployment(lsv, adapters, settings, template, [model for model, _ in files])
+    return ServeWorkload(deployment=dep, service=service(lsv), config_maps=config_maps, pdb=pdb(lsv), hpa=hpa(lsv))
 
 
 # ---------------------------------------------------------------- the Deployment's state, as a phase
 
 
-def rollout_phase(dep: dict[str, Any], previous: str | None) -> tuple[str, str]:
-    """(phase, message) of a LlamaServe whose Deployment is `dep`.
+class Rollout(NamedTuple):
+    """A LlamaServe's phase (with why) and its Deployment's replica counts."""
+
+    phase: str  # Ready, Deploying or Degraded
+    message: str
+    desired: int  # spec.replicas
+    replicas: int
+    updated: int
+    ready: int
+    available: int
+
+
+def rollout_phase(dep: dict[str, Any], previous: str | None) -> Rollout:
+    """The rollout of a LlamaServe whose Deployment is `dep` (as the API server returns it).
 
     Ready: every replica runs the current pod template and is available.
     Deploying: a rollout is under way (old replicas keep serving until new ones are Ready).
     Degraded: the rollout missed its deadline, or replicas were lost after it finished.
     """
-    spec, st = dep.get("spec") or {}, dep.get("status") or {}
-    desired = spec.get("replicas")
-    if desired is None:  # the autoscaler owns it
-        desired = st.get("replicas") or 0
-    gen_ok = (st.get("observedGeneration") or 0) >= (dep.get("metadata") or {}).get("generation", 0)
-    updated, total = st.get("updatedReplicas") or 0, st.get("replicas") or 0
-    available, ready = st.get("availableReplicas") or 0, st.get("readyReplicas") or 0
-    progressing = next((c for c in st.get("conditions") or [] if c.get("type") == "Progressing"), {})
+    spec, dst = dep.get("spec") or {}, dep.get("status") or {}
+    # The server always has spec.replicas (defaulted to 1; with an autoscaler, the count it set).
+    desired = spec.get("replicas", 1)
+    gen_ok = (dst.get("observedGeneration") or 0) >= (dep.get("metadata") or {}).get("generation", 0)
+    updated, total = dst.get("updatedReplicas") or 0, dst.get("replicas") or 0
+    available, ready = dst.get("availableReplicas") or 0, dst.get("readyReplicas") or 0
+
+    def rollout(phase: str, message: str) -> Rollout:
+        return Rollout(phase, message, desired, total, updated, ready, available)
+
+    progressing = condition(dst.get("conditions"), "Progressing") or {}
     if progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
-        return "Degraded", f"the rollout made no progress: {progressing.get('message', '')}".strip()
+        return rollout("Degraded", f"the rollout made no progress: {progressing.get('message', '')}".strip())
     rolled = gen_ok and updated >= desired and total <= updated
     if rolled and available >= desired:
-        return "Ready", f"{ready}/{desired} replicas ready"
+        return rollout("Ready", f"{ready}/{desired} replicas ready")
     if rolled and previous in ("Ready", "Degraded"):
-        return "Degraded", f"{available}/{desired} replicas available"
+        return rollout("Degraded", f"{available}/{desired} replicas available")
     if not gen_ok:
-        return "Deploying", "the Deployment is taking the new spec"
-    return "Deploying", f"{updated}/{desired} replicas updated, {available} available"
+        return rollout("Deploying", "the Deployment is taking the new spec")
+    return rollout("Deploying", f"{updated}/{desired} replicas updated, {available} available")

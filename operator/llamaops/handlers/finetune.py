@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
 from llamaops import metrics
 from llamaops import status as st
+from llamaops.api import LlamaFineTune
 from llamaops.api.validation import validate_finetune
 from llamaops.builders.finetune import Names, Placement
 from llamaops.handlers.runtime import runtime
-from llamaops.handlers.workload import create_workload, parse, patch_status, remove_job
-from llamaops.lifecycle import Action, State, decide, run_hash
+from llamaops.handlers.workload import create_workload, manifest, patch_status, remove_job
+from llamaops.lifecycle import Action, State, decide, run_hash, snapshot
 
 GROUP, VERSION, PLURAL = "llamaops.io", "v1alpha1", "llamafinetunes"
 
@@ -23,30 +24,11 @@ def in_scope(namespace: str | None, **_: Any) -> bool:
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def finetune_index(namespace: str, name: str, body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec,
-                   status: kopf.Status, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+def finetune_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """What the admission loop needs of every run, kept current by kopf's watch."""
-    res = spec.get("resources") or {}
-    queue = spec.get("queue") or {}
     rt = runtime()
     rt.wake.set()
-    return {(namespace, name): {
-        "uid": meta.get("uid"),
-        "created": meta.get("creationTimestamp"),
-        "phase": status.get("phase"),
-        "suspend": bool(spec.get("suspend")),
-        "in_scope": rt.in_scope(namespace),
-        "priority": int(queue.get("priority") or 0),
-        "nodes": int(res.get("nodes") or 1),
-        "gpus_per_node": int(res.get("gpusPerNode", 1)),
-        "gpu_product": res.get("gpuProduct"),
-        "node_selector": dict(res.get("nodeSelector") or {}),
-        "tolerations": list(res.get("tolerations") or []),
-        "assigned_nodes": list(status.get("assignedNodes") or []),
-        "run_hash": status.get("runHash"),
-        "conditions": list(status.get("conditions") or []),
-        "progress": dict(status.get("progress") or {}),  # for metrics.py (loss, steps)
-    }}
+    return {(namespace, name): snapshot(body, rt.in_scope(namespace))}
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL, when=in_scope)
@@ -59,10 +41,8 @@ async def reconcile(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, reaso
     rt.indexes_ready.set()
     generation = meta.get("generation")
     conditions = list(status.get("conditions") or [])
-    manifest = {"apiVersion": body.get("apiVersion"), "kind": "LlamaFineTune",
-                "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "spec": dict(body["spec"])}
-    result = validate_finetune(manifest)
-    lft = parse(body) if result.ok else None
+    result = validate_finetune(manifest(body))
+    lft = cast(LlamaFineTune, result.obj) if result.ok else None
     state = State(
         phase=status.get("phase"), valid=result.ok, suspend=bool(body["spec"].get("suspend")),
         run_hash=run_hash(lft.spec) if lft else "", status_run_hash=status.get("runHash"),
@@ -108,10 +88,8 @@ async def reconcile(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, reaso
         return
 
     # QUEUE: (re)join the queue; a workload of an older spec goes first.
-    conditions = st.set_condition(conditions, st.SUSPENDED, False, "Resumed", "", generation) \
-        if st.condition(conditions, st.SUSPENDED) else conditions
-    conditions = st.set_condition(conditions, st.FAILED, False, "Requeued", "", generation) \
-        if st.condition(conditions, st.FAILED) else conditions
+    conditions = st.clear_condition(conditions, st.SUSPENDED, "Resumed", generation)
+    conditions = st.clear_condition(conditions, st.FAILED, "Requeued", generation)
     conditions = st.set_condition(conditions, st.ADMITTED, False, "Queued", "waiting for admission", generation)
     conditions = st.set_condition(conditions, st.QUEUED, True, "Queued", "waiting for GPUs", generation)
     new_status: dict[str, Any] = {"phase": "Queued", "conditions": conditions, "observedGeneration": generation,

@@ -16,20 +16,13 @@ import kopf
 from llamaops import metrics
 from llamaops import status as st
 from llamaops.builders.finetune import CONTAINER, Placement, adapter_uri
-from llamaops.builders.naming import ANNOTATION_RUN_HASH, LABEL_COMPONENT, MANAGED_BY
+from llamaops.builders.naming import ANNOTATION_RUN_HASH, LABEL_COMPONENT, MANAGED_BY, controller_of
 from llamaops.handlers.runtime import runtime
 from llamaops.handlers.workload import PLURAL, create_workload, parse
 from llamaops.lifecycle import ACTIVE
 
 TAIL = 2048
 log = logging.getLogger(__name__)
-
-
-def _owner(body: kopf.Body) -> str | None:
-    for ref in body["metadata"].get("ownerReferences") or []:
-        if ref.get("kind") == "LlamaFineTune" and ref.get("controller"):
-            return ref["name"]
-    return None
 
 
 def _job_condition(job: kopf.Body, type_: str) -> dict[str, Any] | None:
@@ -53,7 +46,7 @@ async def _failure_tail(namespace: str, job_name: str) -> tuple[int | None, str]
 @metrics.count_errors("job_event")
 async def job_event(type: str, body: kopf.Body, namespace: str, logger: logging.Logger, **_: Any) -> None:  # noqa: A002
     rt = runtime()
-    owner = _owner(body)
+    owner = controller_of(body, "LlamaFineTune")
     if owner is None or not rt.in_scope(namespace):
         return
     lft_body = await rt.kube.get_finetune(namespace, owner)

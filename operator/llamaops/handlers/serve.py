@@ -29,17 +29,12 @@ from llamaops.api import LlamaServe
 from llamaops.api.finetune import LlamaFineTune
 from llamaops.api.validation import validate_serve
 from llamaops.builders import serve as b
-from llamaops.builders.naming import LABEL_COMPONENT, MANAGED_BY
+from llamaops.builders.naming import LABEL_COMPONENT, MANAGED_BY, controller_of
 from llamaops.handlers.runtime import Runtime, runtime
+from llamaops.handlers.workload import manifest
 
 GROUP, VERSION, PLURAL = "llamaops.io", "v1alpha1", "llamaserves"
 KIND = "LlamaServe"
-# Condition types of a LlamaServe.
-VALID = "Valid"
-ADAPTERS_READY = "AdaptersReady"
-AVAILABLE = "Available"
-PROGRESSING = "Progressing"
-FAILED = "Failed"
 
 log = logging.getLogger(__name__)
 _locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -65,27 +60,14 @@ def serves_by_run(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[
 # ---------------------------------------------------------------- reading our objects
 
 
-def _parse_serve(body: dict[str, Any]) -> LlamaServe:
-    meta = body["metadata"]
-    return LlamaServe.model_validate({
-        "apiVersion": body.get("apiVersion"), "kind": KIND,
-        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "generation", "creationTimestamp")},
-        "spec": dict(body["spec"]),
-    })
-
-
 def _parse_run(body: dict[str, Any]) -> LlamaFineTune | None:
-    """The run with its status (adapter, phase); kopf's bookkeeping left out."""
-    meta = body["metadata"]
-    doc = {"apiVersion": body.get("apiVersion"), "kind": "LlamaFineTune",
-           "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "generation", "creationTimestamp")},
-           "spec": dict(body["spec"])}
-    status = {k: v for k, v in (body.get("status") or {}).items() if k != "kopf"}
+    """The run with its status (adapter, phase); without it if the status does not parse; None if neither does."""
+    doc = manifest(body, with_status=True)
     try:
-        return LlamaFineTune.model_validate({**doc, "status": status or None})
+        return LlamaFineTune.model_validate(doc)
     except ValidationError:
         try:
-            return LlamaFineTune.model_validate(doc)
+            return LlamaFineTune.model_validate({**doc, "status": None})
         except ValidationError:
             return None
 
@@ -156,10 +138,10 @@ async def _event_once(rt: Runtime, body: dict[str, Any], conditions: list[dict[s
 async def _fail(rt: Runtime, body: dict[str, Any], conditions: list[dict[str, Any]], reason: str,
                 message: str, gen: int | None, valid: bool) -> None:
     """Failed: nothing new is rolled out; a Deployment of an earlier, valid spec keeps serving."""
-    await _event_once(rt, body, conditions, "Warning", FAILED, reason, message)
-    conditions = st.set_condition(conditions, VALID, valid, reason if not valid else "Validated",
+    await _event_once(rt, body, conditions, "Warning", st.FAILED, reason, message)
+    conditions = st.set_condition(conditions, st.VALID, valid, reason if not valid else "Validated",
                                   message if not valid else "", gen)
-    conditions = st.set_condition(conditions, FAILED, True, reason, message, gen)
+    conditions = st.set_condition(conditions, st.FAILED, True, reason, message, gen)
     await _status(rt, body, {"phase": "Failed", "conditions": conditions, "observedGeneration": gen})
 
 
@@ -178,24 +160,24 @@ async def _reconcile(rt: Runtime, namespace: str, name: str) -> None:
 
     runs_raw = {ref: await rt.kube.get_finetune(namespace, ref) for ref in _refs(body["spec"])}
     runs = {ref: _parse_run(raw) if raw else None for ref, raw in runs_raw.items()}
-    manifest = {"apiVersion": body.get("apiVersion"), "kind": KIND,
-                "metadata": {"name": name, "namespace": namespace}, "spec": dict(body["spec"])}
-    result = validate_serve(manifest, finetunes={k: v for k, v in runs.items() if v is not None})
+    # A missing run is no warning here: resolve() reports its adapter as awaited.
+    result = validate_serve(manifest(body), finetunes={k: v for k, v in runs.items() if v is not None},
+                            warn_missing=False)
     if not result.ok:
         await _fail(rt, body, conditions, "InvalidSpec", "; ".join(str(p) for p in result.errors), gen, valid=False)
         return
-    lsv = _parse_serve(body)
-    warnings = "; ".join(str(p) for p in result.warnings if "does not exist" not in p.message)
-    conditions = st.set_condition(conditions, VALID, True, "Validated", warnings, gen)
+    lsv = result.obj
+    assert isinstance(lsv, LlamaServe)
+    warnings = "; ".join(str(p) for p in result.warnings)
+    conditions = st.set_condition(conditions, st.VALID, True, "Validated", warnings, gen)
 
     adapters, waiting = resolve(lsv, runs, list(status.get("adapters") or []))
     common = {"endpoint": b.endpoint(lsv), "observedGeneration": gen}
     if waiting:
         message = "waiting for " + ", ".join(waiting) + " to succeed"
-        await _event_once(rt, body, conditions, "Normal", ADAPTERS_READY, "WaitingForAdapters", message)
-        conditions = st.set_condition(conditions, ADAPTERS_READY, False, "WaitingForAdapters", message, gen)
-        conditions = st.set_condition(conditions, FAILED, False, "WaitingForAdapters", "", gen) \
-            if st.condition(conditions, FAILED) else conditions
+        await _event_once(rt, body, conditions, "Normal", st.ADAPTERS_READY, "WaitingForAdapters", message)
+        conditions = st.set_condition(conditions, st.ADAPTERS_READY, False, "WaitingForAdapters", message, gen)
+        conditions = st.clear_condition(conditions, st.FAILED, "WaitingForAdapters", gen)
         await _status(rt, body, {"phase": "WaitingForAdapters", "conditions": conditions, **common})
         return
 
@@ -228,9 +210,8 @@ async def _reconcile(rt: Runtime, namespace: str, name: str) -> None:
     elif (status.get("adapters") or []) != new_adapters:
         await rt.kube.event(body, "Normal", reason="RollingOut", message=f"rolling out adapters: {served}")
 
-    conditions = st.set_condition(conditions, ADAPTERS_READY, True, "Resolved", served, gen)
-    if st.condition(conditions, FAILED):
-        conditions = st.set_condition(conditions, FAILED, False, "Deployed", "", gen)
+    conditions = st.set_condition(conditions, st.ADAPTERS_READY, True, "Resolved", served, gen)
+    conditions = st.clear_condition(conditions, st.FAILED, "Deployed", gen)
     await _status(rt, body, {
         **_rollout_status(body, dep, conditions, gen),
         "adapters": new_adapters or None,
@@ -241,17 +222,13 @@ async def _reconcile(rt: Runtime, namespace: str, name: str) -> None:
 
 def _rollout_status(body: dict[str, Any], dep: dict[str, Any], conditions: list[dict[str, Any]],
                     gen: int | None) -> dict[str, Any]:
-    previous = (body.get("status") or {}).get("phase")
-    phase, message = b.rollout_phase(dep, previous)
-    dst = dep.get("status") or {}
-    conditions = st.set_condition(conditions, AVAILABLE, phase == "Ready" or
-                                  (dst.get("availableReplicas") or 0) >= max((dep.get("spec") or {}).get("replicas")
-                                                                             or 0, 1),
-                                  "ReplicasAvailable" if dst.get("availableReplicas") else "NoReplicasAvailable",
-                                  f"{dst.get('availableReplicas') or 0} replica(s) available", gen)
-    conditions = st.set_condition(conditions, PROGRESSING, phase == "Deploying", phase, message, gen)
-    return {"phase": phase, "conditions": conditions, "replicas": dst.get("replicas") or 0,
-            "readyReplicas": dst.get("readyReplicas") or 0, "updatedReplicas": dst.get("updatedReplicas") or 0}
+    r = b.rollout_phase(dep, (body.get("status") or {}).get("phase"))
+    conditions = st.set_condition(conditions, st.AVAILABLE, r.phase == "Ready" or r.available >= max(r.desired, 1),
+                                  "ReplicasAvailable" if r.available else "NoReplicasAvailable",
+                                  f"{r.available} replica(s) available", gen)
+    conditions = st.set_condition(conditions, st.PROGRESSING, r.phase == "Deploying", r.phase, r.message, gen)
+    return {"phase": r.phase, "conditions": conditions, "replicas": r.replicas, "readyReplicas": r.ready,
+            "updatedReplicas": r.updated}
 
 
 async def refresh(namespace: str, name: str, dep: dict[str, Any]) -> None:
@@ -266,10 +243,12 @@ async def refresh(namespace: str, name: str, dep: dict[str, Any]) -> None:
             return  # waiting or failed: the reconcile owns the phase
         gen = body["metadata"].get("generation")
         new = _rollout_status(body, dep, list(status.get("conditions") or []), gen)
+        if all(status.get(k) == v for k, v in new.items()):
+            return  # nothing moved (an unchanged condition keeps its lastTransitionTime): no write
         if new["phase"] != status.get("phase"):
             type_ = "Warning" if new["phase"] == "Degraded" else "Normal"
-            message = next(c["message"] for c in new["conditions"] if c["type"] == PROGRESSING)
-            await rt.kube.event(body, type_, reason=new["phase"], message=message)
+            progressing = st.condition(new["conditions"], st.PROGRESSING) or {}
+            await rt.kube.event(body, type_, reason=new["phase"], message=progressing.get("message", ""))
         await rt.kube.patch_status(PLURAL, namespace, name, new)
 
 
@@ -286,18 +265,27 @@ async def serve_changed(namespace: str, name: str, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, "llamafinetunes", when=in_scope)
-async def run_changed(type: str, namespace: str, name: str, body: kopf.Body, serves_by_run: kopf.Index,  # noqa: A002
-                      **_: Any) -> None:
+async def run_changed(type: str | None, namespace: str, name: str, body: kopf.Body,  # noqa: A002
+                      serves_by_run: kopf.Index, **_: Any) -> None:
     """A referenced run finished, was re-trained, or went away: re-reconcile the serves that use it."""
     key = (namespace, name)
-    status = body.get("status") or {}
-    seen = None if type == "DELETED" else (status.get("phase"), status.get("adapter"), status.get("completionTime"))
-    if key in _seen_runs and _seen_runs[key] == seen:
+    serves = serves_by_run.get(key)
+    if not serves:
+        # Not remembered while unused: a LlamaServe that starts using it reads it afresh, and a
+        # stale entry could hide its next change.
+        _seen_runs.pop(key, None)
         return
-    _seen_runs[key] = seen
     if type == "DELETED":
         _seen_runs.pop(key, None)
-    for serve in sorted(set(serves_by_run.get(key, ()))):
+    else:
+        # type None (a listing) is compared too, not skipped: kopf lists again after every watch
+        # restart (410 Gone), with no resume after it, and a change made meanwhile arrives only so.
+        status = body.get("status") or {}
+        seen = (status.get("phase"), status.get("adapter"), status.get("completionTime"))
+        if _seen_runs.get(key) == seen:
+            return
+        _seen_runs[key] = seen
+    for serve in sorted(set(serves)):
         try:
             await reconcile(namespace, serve)
         except Exception:  # noqa: BLE001 - event handlers are not retried; the next event or resume catches up
@@ -305,17 +293,10 @@ async def run_changed(type: str, namespace: str, name: str, body: kopf.Body, ser
             _seen_runs.pop(key, None)
 
 
-def _owner(body: kopf.Body) -> str | None:
-    for ref in body["metadata"].get("ownerReferences") or []:
-        if ref.get("kind") == KIND and ref.get("controller"):
-            return ref["name"]
-    return None
-
-
 @kopf.on.event("apps", "v1", "deployments",
                labels={"app.kubernetes.io/managed-by": MANAGED_BY, LABEL_COMPONENT: b.COMPONENT})
 async def deployment_event(type: str, body: kopf.Body, namespace: str, **_: Any) -> None:  # noqa: A002
-    owner = _owner(body)
+    owner = controller_of(body, KIND)
     if owner is None or not runtime().in_scope(namespace):
         return
     if type == "DELETED":

@@ -12,14 +12,27 @@ from llamaops.handlers.runtime import Runtime
 PLURAL = "llamafinetunes"
 
 
+# The metadata our models read; the server's bookkeeping (managedFields, resourceVersion...) is left out.
+METADATA = ("name", "namespace", "uid", "generation", "creationTimestamp")
+
+
+def manifest(body: Any, with_status: bool = False) -> dict[str, Any]:
+    """An object of ours as read from the API server, as a manifest our models and validators read.
+
+    The status is left out unless asked for (it is ours, and may lag the spec); kopf's
+    bookkeeping in it is always left out.
+    """
+    meta = body["metadata"]
+    doc = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+           "metadata": {k: meta.get(k) for k in METADATA}, "spec": dict(body["spec"])}
+    if with_status:
+        doc["status"] = {k: v for k, v in (body.get("status") or {}).items() if k != "kopf"} or None
+    return doc
+
+
 def parse(body: Any) -> LlamaFineTune:
     """The object as our model (status left out: it is ours, and may lag the spec)."""
-    meta = body["metadata"]
-    return LlamaFineTune.model_validate({
-        "apiVersion": body.get("apiVersion"), "kind": "LlamaFineTune",
-        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "generation", "creationTimestamp")},
-        "spec": dict(body["spec"]),
-    })
+    return LlamaFineTune.model_validate(manifest(body))
 
 
 async def create_workload(rt: Runtime, lft: LlamaFineTune, placement: Placement) -> None:
