@@ -11,7 +11,9 @@ the trained sections changed (spec hash) and resumes otherwise. Edits to
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from llamaops.api import FineTuneSpec
 from llamaops.api.contract import digest
@@ -26,6 +28,32 @@ class Action(enum.Enum):
     QUEUE = "queue"  # (re)join the queue, removing a stale workload first
     ENSURE = "ensure"  # keep running; recreate missing children
     KEEP = "keep"  # nothing to do
+
+
+def snapshot(obj: Mapping[str, Any], in_scope: bool = True) -> dict[str, Any]:
+    """What the operator keeps of a LlamaFineTune (as an object from the API server): the values of its run
+    index (handlers/finetune.py `finetune_index`), read by the admission loop, metrics.RunsCollector and
+    `llamaops queue`. `in_scope`: whether this operator manages the run's namespace."""
+    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    res = spec.get("resources") or {}
+    queue = spec.get("queue") or {}
+    return {
+        "uid": meta.get("uid"),
+        "created": meta.get("creationTimestamp"),
+        "phase": status.get("phase"),
+        "suspend": bool(spec.get("suspend")),
+        "in_scope": in_scope,
+        "priority": int(queue.get("priority") or 0),
+        "nodes": int(res.get("nodes") or 1),
+        "gpus_per_node": int(res.get("gpusPerNode", 1)),
+        "gpu_product": res.get("gpuProduct"),
+        "node_selector": dict(res.get("nodeSelector") or {}),
+        "tolerations": list(res.get("tolerations") or []),
+        "assigned_nodes": list(status.get("assignedNodes") or []),
+        "run_hash": status.get("runHash"),
+        "conditions": list(status.get("conditions") or []),
+        "progress": dict(status.get("progress") or {}),  # for metrics.py (loss, steps)
+    }
 
 
 def run_hash(spec: FineTuneSpec) -> str:

@@ -19,13 +19,14 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from datetime import datetime
 from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from llamaops import status as st
 
 log = logging.getLogger(__name__)
 PHASES = ("Pending", "Queued", "Admitted", "Running", "Succeeded", "Failed", "Suspended")
@@ -36,25 +37,21 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 def _since(timestamp: str | None, now: float | None = None) -> float | None:
     """Seconds from an RFC 3339 timestamp to now (None when there is none)."""
-    if not timestamp:
+    then = st.parse_time(timestamp)
+    if then is None:
         return None
-    try:
-        then = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-    return max((time.time() if now is None else now) - then, 0.0)
+    return max((time.time() if now is None else now) - then.timestamp(), 0.0)
 
 
 def _condition_time(status: Mapping[str, Any], type_: str) -> str | None:
-    for c in status.get("conditions") or []:
-        if c.get("type") == type_ and c.get("status") == "True":
-            return c.get("lastTransitionTime")
-    return None
+    """When the condition became True (None when it is not True)."""
+    c = st.condition(status.get("conditions"), type_)
+    return c.get("lastTransitionTime") if c and c.get("status") == "True" else None
 
 
 class RunsCollector(Collector):
     """State metrics from run snapshots: dicts with namespace, name, phase, suspend, nodes,
-    gpus_per_node, in_scope and progress (finetune_index's values)."""
+    gpus_per_node, in_scope and progress (finetune_index's values, lifecycle.snapshot)."""
 
     def __init__(self) -> None:
         self.source: Callable[[], Iterable[Mapping[str, Any]]] | None = None
@@ -127,14 +124,14 @@ class Metrics:
     def admitted(self, status: Mapping[str, Any] | None, queue_mode: str) -> None:
         """A run was admitted; `status` is its status while it was still Queued."""
         self.admissions.labels(queue_mode).inc()
-        waited = _since(_condition_time(status or {}, "Queued"))
+        waited = _since(_condition_time(status or {}, st.QUEUED))
         if waited is not None:
             self.queue_wait.observe(waited)
 
     def finished(self, status: Mapping[str, Any] | None, outcome: str) -> None:
         """A run reached Succeeded or Failed; `status` is its status just before."""
         status = status or {}
-        took = _since(status.get("startTime") or _condition_time(status, "Admitted"))
+        took = _since(status.get("startTime") or _condition_time(status, st.ADMITTED))
         if took is not None:
             self.run_duration.labels(outcome).observe(took)
 

@@ -25,6 +25,7 @@ from api_cases import example
 from kubetest import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
+CRDS = ("llamafinetunes.llamaops.io", "llamaserves.llamaops.io")
 
 
 def free_port() -> int:
@@ -33,12 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def install_crds(kubectl, source: Path = REPO / "crds") -> None:
+    """Install (or update) both CRDs from `source` and wait until the API server serves both."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(source))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{crd}" for crd in CRDS))
+
+
 @contextmanager
 def crd_namespace(kubectl, prefix: str) -> Iterator[str]:
     """The CRDs installed, and a new namespace for one test module (deleted after it, with its test PVs)."""
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/llamafinetunes.llamaops.io",
-            "crd/llamaserves.llamaops.io")
+    install_crds(kubectl)
     name = f"{prefix}-{secrets.token_hex(3)}"
     kubectl("create", "namespace", name)
     try:

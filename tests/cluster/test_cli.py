@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from operator_fixtures import REPO, Cluster, OperatorProcess, gpu_pods_gone, wait_until
+from operator_fixtures import REPO, Cluster, crd_namespace, gpu_pods_gone, install_crds, running_operator, wait_until
 
 pytestmark = pytest.mark.cluster
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -28,8 +27,7 @@ H100 = "NVIDIA-H100-80GB-HBM3"
 
 @pytest.fixture(scope="module")
 def crds(kubectl) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/llamafinetunes.llamaops.io")
+    install_crds(kubectl)
 
 
 def llamaops(kubeconfig: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -152,23 +150,17 @@ def test_watch_resumes_after_each_server_timeout(crds, kubectl, kubeconfig: Path
 # --- with the operator: the queue and the training pods ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ops(crds, kubectl, kubeconfig: Path, tmp_path_factory) -> Iterator[Cluster]:
-    ns = f"cli-{secrets.token_hex(3)}"
-    kubectl("create", "namespace", ns)
-    gpu_pods_gone(kubectl)
-    operator = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", {
-        "LLAMAOPS_NAMESPACES": ns, "LLAMAOPS_ADMISSION_INTERVAL": "1"})
-    operator.start()
-    cluster = Cluster(kubectl, ns, tmp_path_factory.mktemp("volumes"))
-    cluster.volumes("training-data", "adapters")
-    try:
-        yield cluster
-    finally:
-        print(f"--- operator log ---\n{operator.tail(80)}")
-        kubectl("delete", "lft", "--all", "-n", ns, "--wait=true", "--timeout=60s", check=False)
-        operator.stop()
-        kubectl("delete", "namespace", ns, "--wait=false")
-        kubectl("delete", "pv", "-l", f"llamaops.dev/test-ns={ns}", "--wait=false", check=False)
+def ops(kubectl, kubeconfig: Path, tmp_path_factory) -> Iterator[Cluster]:
+    with crd_namespace(kubectl, "cli") as ns:
+        gpu_pods_gone(kubectl)
+        with running_operator(kubeconfig, tmp_path_factory.mktemp("operator"), ns) as operator:
+            cluster = Cluster(kubectl, ns, tmp_path_factory.mktemp("volumes"))
+            cluster.volumes("training-data", "adapters")
+            try:
+                yield cluster
+            finally:
+                print(f"--- operator log ---\n{operator.tail(80)}")
+                kubectl("delete", "lft", "--all", "-n", ns, "--wait=true", "--timeout=60s", check=False)
 
 
 def test_queue_logs_and_watch_with_the_operator(ops: Cluster, cluster, kubeconfig: Path) -> None:

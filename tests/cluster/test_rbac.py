@@ -32,7 +32,7 @@ import pytest
 import yaml
 from api_cases import example
 from llamaops import rbac
-from operator_fixtures import Cluster, OperatorProcess, gpu_pods_gone
+from operator_fixtures import Cluster, OperatorProcess, gpu_pods_gone, install_crds
 from test_helm import CHART, Helm, helm_binary
 
 pytestmark = pytest.mark.cluster
@@ -262,8 +262,7 @@ class Proof:
 
 @pytest.fixture(scope="module")
 def proof(cluster, kubectl, k8s, tmp_path_factory) -> Iterator[Proof]:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/llamafinetunes.llamaops.io")
+    install_crds(kubectl, CHART / "crds")  # both: the serve happy path needs llamaserves served from the start
     gpu_pods_gone(kubectl)
     tmp = tmp_path_factory.mktemp("rbac")
     helm = Helm(helm_binary(cluster), cluster.kubeconfig, tmp / "helm")

@@ -15,17 +15,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from operator_fixtures import install_crds
 from slow_trainer import slow_trainer_command
 
 pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 16
 
 
 @pytest.fixture(scope="module")
 def crds(kubectl) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/llamafinetunes.llamaops.io")
+    install_crds(kubectl)
 
 
 def _manifest(name: str) -> dict:

@@ -73,6 +73,38 @@ def test_queue_rows_in_queue_order_with_the_reason() -> None:
     assert active_runs(items) == (1, 16)
 
 
+def test_runs_without_a_position_wait_in_the_queues_own_order() -> None:
+    """Runs the operator has given no position yet: priority, then creation (not when they were queued), then
+    namespace/name, as the operator's queue orders them (QueuedRun.sort_key)."""
+    from llamaops.queue import QueuedRun
+
+    def waiting(name: str, created: str, queued: str, priority: int = 0, ns: str = "team") -> dict:
+        obj = lft(name, "Queued", ns=ns, conditions=[{"type": "Queued", "status": "True", "reason": "Queued",
+                                                      "message": "waiting for GPUs", "lastTransitionTime": queued}])
+        obj["metadata"]["creationTimestamp"] = created
+        obj["spec"]["queue"]["priority"] = priority
+        return obj
+
+    items = [
+        waiting("young", "2026-01-01T11:30:00Z", "2026-01-01T11:30:01Z"),
+        waiting("edited", "2026-01-01T10:00:00Z", "2026-01-01T11:59:00Z"),  # queued again after a spec edit
+        waiting("urgent", "2026-01-01T11:50:00Z", "2026-01-01T11:50:00Z", priority=10),
+        waiting("twin", "2026-01-01T11:40:00Z", "2026-01-01T11:40:00Z", ns="team-b"),
+        waiting("twin", "2026-01-01T11:40:00Z", "2026-01-01T11:40:00Z"),
+        lft("placed", "Queued", queuePosition=1),
+    ]
+    rows = queue_rows(items, NOW)
+    assert [f"{r.namespace}/{r.name}" for r in rows] == [
+        "team/placed", "team/urgent", "team/edited", "team/young", "team-b/twin", "team/twin"]
+    queue = sorted((QueuedRun(f"{r.namespace}/{r.name}", r.priority,
+                              dt.datetime.fromisoformat(o["metadata"]["creationTimestamp"]).timestamp())
+                    for r, o in zip(rows[1:], [items[2], items[1], items[0], items[3], items[4]], strict=True)),
+                   key=QueuedRun.sort_key)
+    assert [q.key for q in queue] == [f"{r.namespace}/{r.name}" for r in rows[1:]]
+    edited = rows[2]
+    assert edited.waiting_since == "2026-01-01T11:59:00Z" and edited.waiting_seconds == 60  # since it queued
+
+
 def _node(name: str, gpus: int, product: str | None) -> dict:
     labels = {"nvidia.com/gpu.product": product} if product else {}
     return {"metadata": {"name": name, "labels": labels}, "spec": {},

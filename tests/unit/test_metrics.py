@@ -66,6 +66,33 @@ def test_state_comes_from_the_index_and_deleted_runs_vanish(m: metrics.Metrics) 
     assert s[("llamaops_finetunes", (("phase", "Running"),))] == 0
 
 
+def test_state_from_the_snapshots_the_index_keeps_of_objects(m: metrics.Metrics) -> None:
+    from llamaops.lifecycle import snapshot
+
+    def lft(phase: str, nodes: int, gpus: int, **status) -> dict:
+        return {"metadata": {"name": "x", "namespace": "a", "creationTimestamp": _ago(60)},
+                "spec": {"resources": {"nodes": nodes, "gpusPerNode": gpus}}, "status": {"phase": phase, **status}}
+
+    m.track({("a", "waits"): [snapshot(lft("Queued", 2, 8))],
+             ("a", "trains"): [snapshot(lft("Running", 1, 1, progress={"step": 3, "totalSteps": 6, "loss": 0.5}))],
+             ("b", "not-ours"): [snapshot(lft("Queued", 1, 8), in_scope=False)]})
+    s = _samples(m)
+    assert s[("llamaops_queue_length", ())] == 1
+    assert s[("llamaops_queue_gpus_requested", ())] == 2 * 8
+    assert s[("llamaops_finetune_progress_ratio", (("name", "trains"), ("namespace", "a")))] == 0.5
+    assert s[("llamaops_finetune_loss", (("name", "trains"), ("namespace", "a")))] == 0.5
+
+
+def test_malformed_timestamps_measure_nothing(m: metrics.Metrics) -> None:
+    m.admitted({"conditions": [{"type": "Queued", "status": "True", "lastTransitionTime": "yesterday"}]}, "builtin")
+    m.finished({"startTime": "", "conditions": [{"type": "Admitted", "status": "False",
+                                                  "lastTransitionTime": _ago(10)}]}, "Failed")
+    s = _samples(m)
+    assert s[("llamaops_admissions_total", (("queue_mode", "builtin"),))] == 1
+    assert s[("llamaops_queue_wait_seconds_count", ())] == 0
+    assert ("llamaops_run_duration_seconds_count", (("outcome", "Failed"),)) not in s  # Admitted is not True
+
+
 def test_no_index_yet_exports_zeroes(m: metrics.Metrics) -> None:
     s = _samples(m)
     assert s[("llamaops_queue_length", ())] == 0

@@ -22,6 +22,9 @@ from pydantic.alias_generators import to_camel
 GROUP = "llamaops.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+# The kinds' plural resource names (the CRDs' spec.names.plural), as the API's URLs spell them.
+FINETUNES = "llamafinetunes"
+SERVES = "llamaserves"
 
 # Kubernetes resource.Quantity, as the apimachinery regexp spells it.
 QUANTITY_PATTERN = (

@@ -17,11 +17,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from llamaops.api.contract import SERVICEACCOUNT_DIR
+
 T = TypeVar("T")
 
-GROUP, VERSION = "llamaops.io", "v1alpha1"
-FINETUNES = "llamafinetunes"
-_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# The pod's own service account. The fixed path, not contract.serviceaccount_dir(): load_incluster_config
+# reads its credentials from there whatever LLAMAOPS_SERVICEACCOUNT_DIR says.
+_SA_DIR = Path(SERVICEACCOUNT_DIR)
 
 # Options shared by the commands that talk to a cluster.
 KubeconfigOpt = Annotated[str | None, typer.Option("--kubeconfig", help="Kubeconfig file (default: $KUBECONFIG, "
@@ -88,15 +90,32 @@ async def connect(kubeconfig: str | None = None, context: str | None = None) -> 
         await api.close()
 
 
-async def raw_json(resp: Any) -> Any:
-    """The JSON of a call made with _preload_content=False, which does not raise on an error status itself."""
+async def raise_for_status(resp: Any) -> None:
+    """ApiException for an error status of a call made with _preload_content=False (which does not raise
+    by itself), its body read for the message."""
     from kubernetes_asyncio.client.exceptions import ApiException
 
     if resp.status >= 400:
         error = ApiException(status=resp.status, reason=resp.reason)
         error.body = await resp.text()
         raise error
+
+
+async def raw_json(resp: Any) -> Any:
+    """The JSON of a call made with _preload_content=False."""
+    await raise_for_status(resp)
     return await resp.json()
+
+
+def api_message(exc: BaseException) -> str:
+    """The message of the Status an ApiException carries in its body ("" when there is none)."""
+    import json
+
+    try:
+        status = json.loads(getattr(exc, "body", None) or "{}")
+    except (TypeError, ValueError):
+        return ""
+    return str(status.get("message") or "") if isinstance(status, dict) else ""
 
 
 def describe_api_error(exc: BaseException) -> str | None:
@@ -107,11 +126,7 @@ def describe_api_error(exc: BaseException) -> str | None:
     if isinstance(exc, ClusterError):
         return str(exc)
     if isinstance(exc, ApiException):
-        import json
-
-        message = ""
-        with contextlib.suppress(ValueError, TypeError):
-            message = json.loads(exc.body or "{}").get("message", "")
+        message = api_message(exc)
         return f"the API server answered {exc.status} {exc.reason}" + (f": {message}" if message else "")
     if isinstance(exc, ClientError | asyncio.TimeoutError | OSError):
         return f"cannot reach the cluster: {exc or type(exc).__name__}"

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import json
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
 
+from llamaops.api.meta import FINETUNES, GROUP, VERSION
 from llamaops.cli import kubeclient
-from llamaops.cli.kubeclient import FINETUNES, GROUP, VERSION, ContextOpt, KubeconfigOpt, NamespaceOpt
+from llamaops.cli.kubeclient import ContextOpt, KubeconfigOpt, NamespaceOpt
 
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
-CONTAINER = "trainer"
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\S+) (.*)$")
 
 
@@ -76,11 +75,9 @@ def merge_by_time(logs: list[tuple[int | None, str]], keep_timestamps: bool = Fa
 
 
 def _api_message(exc: Exception) -> str:
-    body = getattr(exc, "body", None)
-    try:
-        return json.loads(body).get("message") or str(exc)
-    except (TypeError, ValueError):
-        return f"{getattr(exc, 'status', '')} {getattr(exc, 'reason', '')}".strip() or str(exc)
+    """The API server's message, else the answer's status."""
+    return (kubeclient.api_message(exc) or f"{getattr(exc, 'status', '')} {getattr(exc, 'reason', '')}".strip()
+            or str(exc))
 
 
 async def _logs(name: str, namespace: str, follow: bool, tail: int | None, timestamps: bool,
@@ -88,6 +85,7 @@ async def _logs(name: str, namespace: str, follow: bool, tail: int | None, times
     from kubernetes_asyncio import client
     from kubernetes_asyncio.client.exceptions import ApiException
 
+    from llamaops.builders.finetune import CONTAINER
     from llamaops.builders.naming import LABEL_COMPONENT, LABEL_FINETUNE, label_value
 
     async with kubeclient.connect(kubeconfig, context) as api:
@@ -116,10 +114,7 @@ async def _logs(name: str, namespace: str, follow: bool, tail: int | None, times
                 try:
                     resp = await core.read_namespaced_pod_log(pod.name, namespace, follow=True, timestamps=timestamps,
                                                               _preload_content=False, **kw)
-                    if resp.status >= 400:  # unread content: the client does not raise by itself
-                        error = ApiException(status=resp.status, reason=resp.reason)
-                        error.body = await resp.text()
-                        raise error
+                    await kubeclient.raise_for_status(resp)
                     async for raw in resp.content:
                         typer.echo(prefix(pod.rank, raw.decode(errors="replace").rstrip("\n")))
                     return True

@@ -17,12 +17,14 @@ from typing import Annotated, Any
 
 import typer
 
+from llamaops import status as st
+from llamaops.api.meta import FINETUNES, GROUP, VERSION
 from llamaops.cli import kubeclient
-from llamaops.cli.kubeclient import FINETUNES, GROUP, VERSION, ContextOpt, KubeconfigOpt, NamespaceOpt
-from llamaops.cli.watch import _condition, _parse_time, waiting_reason
+from llamaops.cli.kubeclient import ContextOpt, KubeconfigOpt, NamespaceOpt
+from llamaops.cli.watch import waiting_reason
+from llamaops.lifecycle import ACTIVE, snapshot
 
 WAITING_PHASES = ("Pending", "Queued", "Suspended")
-ACTIVE_PHASES = ("Admitted", "Running")
 NO_PRODUCT = "(no gpu.product label)"
 
 
@@ -62,39 +64,37 @@ class ProductUse:
         return max(self.gpus - self.used, 0)
 
 
-def _resources(obj: dict[str, Any]) -> tuple[int, int, str | None]:
-    res = (obj.get("spec") or {}).get("resources") or {}
-    return int(res.get("nodes", 1)), int(res.get("gpusPerNode", 1)), res.get("gpuProduct")
-
-
 def queue_rows(finetunes: list[dict[str, Any]], now: dt.datetime | None = None) -> list[QueueRow]:
-    """The runs that wait, in the order the queue serves them."""
+    """The runs that wait, in the order the queue serves them: by the position the operator reported, then
+    (runs it has given none yet) in its own order (llamaops.queue's QueuedRun.sort_key)."""
+    from llamaops.queue import QueuedRun
+
     now = now or dt.datetime.now(dt.UTC)
-    rows = []
+    rows: list[tuple[tuple[Any, ...], QueueRow]] = []
     for obj in finetunes:
-        meta, status, spec = obj.get("metadata") or {}, obj.get("status") or {}, obj.get("spec") or {}
-        phase = status.get("phase") or "Pending"
-        if phase not in WAITING_PHASES and not (phase == "Admitted" and spec.get("suspend")):
+        meta, status, run = obj.get("metadata") or {}, obj.get("status") or {}, snapshot(obj)
+        phase = run["phase"] or "Pending"
+        if phase not in WAITING_PHASES and not (phase == "Admitted" and run["suspend"]):
             continue
-        queued = _condition(status, "Queued")
-        since = meta.get("creationTimestamp")
+        queued = st.condition(run["conditions"], st.QUEUED)
+        since = run["created"]
         why = waiting_reason(queued)
         if why:
             since = queued.get("lastTransitionTime") or since
-        if phase == "Suspended" or spec.get("suspend"):
+        if phase == "Suspended" or run["suspend"]:
             why = "suspended (spec.suspend: true)"
         elif phase == "Pending" and not why:
             why = "not yet seen by the operator"
-        started = _parse_time(since)
-        nodes, per_node, product = _resources(obj)
-        rows.append(QueueRow(
-            position=status.get("queuePosition"), priority=int((spec.get("queue") or {}).get("priority", 0)),
-            namespace=meta.get("namespace", ""), name=meta.get("name", ""), phase=phase, nodes=nodes,
-            gpus_per_node=per_node, gpu_product=product, waiting_since=since,
-            waiting_seconds=(now - started).total_seconds() if started else None, why=why))
-    created = {(r.namespace, r.name): r.waiting_since or "" for r in rows}
-    return sorted(rows, key=lambda r: (r.position is None, r.position or 0, -r.priority,
-                                       created[(r.namespace, r.name)], r.namespace, r.name))
+        started = st.parse_time(since)
+        row = QueueRow(
+            position=status.get("queuePosition"), priority=run["priority"], namespace=meta.get("namespace", ""),
+            name=meta.get("name", ""), phase=phase, nodes=run["nodes"], gpus_per_node=run["gpus_per_node"],
+            gpu_product=run["gpu_product"], waiting_since=since,
+            waiting_seconds=(now - started).total_seconds() if started else None, why=why)
+        created = st.parse_time(run["created"])
+        order = QueuedRun(f"{row.namespace}/{row.name}", row.priority, created.timestamp() if created else 0.0)
+        rows.append(((row.position is None, row.position or 0, *order.sort_key()), row))
+    return [row for _, row in sorted(rows, key=lambda pair: pair[0])]
 
 
 def gpu_use(nodes: list[dict[str, Any]], pods: list[dict[str, Any]]) -> list[ProductUse]:
@@ -117,10 +117,10 @@ def active_runs(finetunes: list[dict[str, Any]]) -> tuple[int, int]:
     """(runs admitted or running, the GPUs they hold)."""
     runs = gpus = 0
     for obj in finetunes:
-        if ((obj.get("status") or {}).get("phase")) in ACTIVE_PHASES and not (obj.get("spec") or {}).get("suspend"):
-            nodes, per_node, _ = _resources(obj)
+        run = snapshot(obj)
+        if run["phase"] in ACTIVE and not run["suspend"]:
             runs += 1
-            gpus += nodes * per_node
+            gpus += run["nodes"] * run["gpus_per_node"]
     return runs, gpus
 
 

@@ -17,25 +17,14 @@ from typing import Annotated, Any
 
 import typer
 
+from llamaops import status as st
+from llamaops.api.meta import FINETUNES, GROUP, VERSION
 from llamaops.cli import kubeclient
-from llamaops.cli.kubeclient import FINETUNES, GROUP, VERSION, ContextOpt, KubeconfigOpt, NamespaceOpt
+from llamaops.cli.kubeclient import ContextOpt, KubeconfigOpt, NamespaceOpt
 
 TERMINAL = ("Succeeded", "Failed")
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_TIMEOUT = 0, 1, 2, 3
 WATCH_SECONDS = 30  # server-side timeout of one watch request; then it is resumed
-
-
-def _parse_time(value: str | None) -> dt.datetime | None:
-    if not value:
-        return None
-    try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def _condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
 
 
 def waiting_reason(condition: dict[str, Any] | None) -> str:
@@ -93,18 +82,19 @@ def view(obj: dict[str, Any], now: dt.datetime | None = None) -> RunView:
     eta = progress.get("etaSeconds")
     if eta is not None:
         # The trainer computed it at updatedAt: count down from there.
-        updated = _parse_time(progress.get("updatedAt"))
+        updated = st.parse_time(progress.get("updatedAt"))
         now = now or dt.datetime.now(dt.UTC)
         elapsed = max(0.0, (now - updated).total_seconds()) if updated else 0.0  # clocks may disagree
         v.eta_seconds = max(0.0, eta - elapsed)
+    conditions = status.get("conditions")
     v.queue_position = status.get("queuePosition")
-    v.waiting = waiting_reason(_condition(status, "Queued"))
+    v.waiting = waiting_reason(st.condition(conditions, st.QUEUED))
     if v.phase == "Suspended":
-        suspended = _condition(status, "Suspended")
+        suspended = st.condition(conditions, st.SUSPENDED)
         v.waiting = (suspended or {}).get("message") or "spec.suspend is true"
     v.adapter = (status.get("adapter") or {}).get("uri")
     if v.phase == "Failed":
-        failed = _condition(status, "Failed") or _condition(status, "Valid") or {}
+        failed = st.condition(conditions, st.FAILED) or st.condition(conditions, st.VALID) or {}
         reason, message = failed.get("reason", ""), failed.get("message", "")
         v.failure = f"{reason}: {message}" if reason and message else reason or message or "no reason given"
     return v
@@ -201,12 +191,13 @@ async def follow(api: Any, namespace: str | None, name: str | None, on_change: C
     custom = client.CustomObjectsApi(api)
     objects: dict[str, dict[str, Any]] = {}
     selector = {"field_selector": f"metadata.name={name}"} if name else {}
+    if namespace is None:  # the same call lists and (with a resourceVersion) watches
+        func, args = custom.list_cluster_custom_object, (GROUP, VERSION, FINETUNES)
+    else:
+        func, args = custom.list_namespaced_custom_object, (GROUP, VERSION, namespace, FINETUNES)
 
     async def relist() -> str:
-        if namespace is None:
-            listed = await custom.list_cluster_custom_object(GROUP, VERSION, FINETUNES, **selector)
-        else:
-            listed = await custom.list_namespaced_custom_object(GROUP, VERSION, namespace, FINETUNES, **selector)
+        listed = await func(*args, **selector)
         objects.clear()
         objects.update({_key(o): o for o in listed.get("items", [])})
         if name and not objects:
@@ -218,10 +209,6 @@ async def follow(api: Any, namespace: str | None, name: str | None, on_change: C
     version = await relist()
     failures = 0
     while not done(objects):
-        if namespace is None:
-            func, args = custom.list_cluster_custom_object, (GROUP, VERSION, FINETUNES)
-        else:
-            func, args = custom.list_namespaced_custom_object, (GROUP, VERSION, namespace, FINETUNES)
         try:
             async with watch.Watch() as w:
                 stream = w.stream(func, *args, resource_version=version, timeout_seconds=watch_seconds,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime
 from typing import Any
 
 import kopf
@@ -69,7 +68,8 @@ def gpu_pod_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[
 
 
 def _created(value: str | None) -> float:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else 0.0
+    created = st.parse_time(value)
+    return created.timestamp() if created else 0.0
 
 
 def queued_run(key: str, r: dict[str, Any], overtaken: int, dev_node: str | None = None) -> QueuedRun:
