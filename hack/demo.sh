@@ -107,7 +107,7 @@ cpus=$(nproc)
 [ "$cpus" -lt 2 ] && cpus=2  # the example asks for 2 CPUs; the dev node time-shares them
 # The trainer patches status every second (not 5), so the short demo run shows its progress.
 LLAMAOPS_PROGRESS_INTERVAL=1 $python -m llamaops.devnode --kubeconfig "$kubeconfig" --name $node --work-dir "$demo/devnode" \
-  --cpu "$cpus" --pid-file "$devnode_pid" > "$demo/devnode.log" 2>&1 &
+  --cpu "$cpus" > "$demo/devnode.log" 2>&1 &
 echo $! > "$devnode_pid"
 ready=""
 for _ in $(seq 120); do
@@ -178,26 +178,18 @@ k delete lft -n $ns $run --ignore-not-found --wait=true >/dev/null
 rm -rf "$demo/pvc/$ns/adapters/$run"
 k apply -n $ns -f examples/tiny-llama-cpu.yaml
 
-say "training on the dev node (kubectl get lft, as it changes)"
-k get lft -n $ns $run | head -n 1
-last=""
-phase=""
-for _ in $(seq 1200); do  # up to 10 minutes
-  line=$(k get lft -n $ns $run --no-headers 2>/dev/null || true)
-  if [ -n "$line" ] && [ "${line% *}" != "$last" ]; then  # a change besides AGE
-    echo "$line"
-    last=${line% *}
-  fi
+say "training on the dev node (llamaops watch $run: a line per change)"
+# Exits 0 when the run Succeeded, 1 when it Failed, 3 when still running after 10 minutes.
+watched=0
+$llamaops watch -n $ns $run --no-live --timeout 600 || watched=$?
+if [ $watched -ne 0 ]; then
   phase=$(k get lft -n $ns $run -o jsonpath='{.status.phase}' 2>/dev/null || true)
-  case $phase in Succeeded|Failed) break ;; esac
-  sleep 0.5
-done
-
-if [ "$phase" != Succeeded ]; then
   if [ "$phase" = Failed ]; then
     err "the run Failed: $(k get lft -n $ns $run -o jsonpath='{.status.conditions[?(@.type=="Failed")].message}' 2>/dev/null)"
-  else
+  elif [ $watched -eq 3 ]; then
     err "the run is still ${phase:-not started} after 10 minutes (operator log: $demo/operator.log)"
+  else
+    err "llamaops watch exited $watched; the run is ${phase:-not started} (operator log: $demo/operator.log)"
   fi
   for pod in $(k get pods -n $ns -l llamaops.io/finetune=$run -o jsonpath='{.items[*].metadata.name}'); do
     podphase=$(k get pod -n $ns "$pod" -o jsonpath='{.status.phase}')

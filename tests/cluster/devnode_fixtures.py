@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from kubetest import wait_until
+from llamaops.devcluster.processes import log_tail
+from llamaops.devnode import runner
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = "local-cpu"
@@ -30,14 +32,14 @@ class DevNodeProcess:
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        # Status patches every 0.5 s (not 5): a tiny run trains in seconds, and tests look for progress on the way.
+        # Pods inherit OMP_NUM_THREADS, HF_HUB_OFFLINE and LLAMAOPS_PROGRESS_INTERVAL (the agent's default
+        # --pass-env): status patches every 0.5 s (not 5), as a tiny run trains in seconds and tests look for
+        # progress on the way. PYTHONUNBUFFERED is for the agent's own log (the trainer's pods get it from the Job).
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                    LLAMAOPS_PROGRESS_INTERVAL="0.5")
         env.pop("KUBECONFIG", None)  # pods must not find the admin's credentials
         cmd = [sys.executable, "-m", "llamaops.devnode", f"--kubeconfig={self.kubeconfig}", f"--name={self.name}",
-               f"--work-dir={self.work_dir}", f"--cpu={self.cpu}", f"--memory={self.memory}",
-               "--pass-env=OMP_NUM_THREADS", "--pass-env=HF_HUB_OFFLINE", "--pass-env=PYTHONUNBUFFERED",
-               "--pass-env=LLAMAOPS_PROGRESS_INTERVAL"]
+               f"--work-dir={self.work_dir}", f"--cpu={self.cpu}", f"--memory={self.memory}"]
         with self.log.open("a") as out:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         wait_until(self.ready, f"node {self.name} Ready\n{self.tail()}", timeout=60)
@@ -64,10 +66,10 @@ class DevNodeProcess:
         self.kubectl("delete", "lease", "-n", "kube-node-lease", self.name, "--ignore-not-found", check=False)
 
     def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+        return log_tail(self.log, lines)
 
     def pod_dir(self, namespace: str, pod: str) -> Path:
-        return self.work_dir / "pods" / namespace / pod
+        return runner.pod_dir(self.work_dir, namespace, pod)
 
     def container_log(self, namespace: str, pod: str, container: str) -> str:
         path = self.pod_dir(namespace, pod) / f"{container}.log"

@@ -20,6 +20,7 @@ The steps share one module (one agent, one operator) and run in order:
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -30,8 +31,8 @@ from typing import Any
 import pytest
 import yaml
 from devnode_fixtures import NODE, DevNodeProcess
-from kubetest import fresh_namespace
-from operator_fixtures import Cluster, OperatorProcess
+from llamaops.devcluster.processes import log_tail
+from operator_fixtures import Cluster, crd_namespace, running_operator
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -50,29 +51,32 @@ def e2e(cluster, kubectl, k8s, tmp_path_factory: pytest.TempPathFactory, request
     pytest.importorskip("torch", reason="needs the trainer extra")
     from llamaops_trainer import tiny
 
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/llamafinetunes.llamaops.io")
     tmp = tmp_path_factory.mktemp("e2e")
     data = tmp / CLAIM
     tiny.write_model(data / "models" / "tiny-llama")
     tiny.write_jsonl(data / "datasets" / "chat.jsonl", tiny.synthetic_chats(128, max_filler=12))
     agent = DevNodeProcess(kubectl, cluster.kubeconfig, tmp / "devnode")
-    with fresh_namespace(k8s, "e2e") as ns:
+    failed_before = request.session.testsfailed
+    with crd_namespace(kubectl, "e2e") as ns:
         c = Cluster(kubectl, ns, tmp)
         c.volumes(CLAIM)  # a PV with hostPath tmp/data: the agent uses that directory as the claim
-        operator = OperatorProcess(cluster.kubeconfig, tmp / "operator.log",
-                                   {"LLAMAOPS_DEV_NODE": NODE, "LLAMAOPS_NAMESPACES": ns,
-                                    "LLAMAOPS_ADMISSION_INTERVAL": "0.5"})
-        agent.start()
+        setup_failed = True
         try:
-            operator.start()
-            yield {"cluster": c, "k8s": k8s, "ns": ns, "data": data, "agent": agent, "operator": operator, "runs": {}}
+            agent.start()
+            with running_operator(cluster.kubeconfig, tmp, ns, LLAMAOPS_DEV_NODE=NODE,
+                                  LLAMAOPS_ADMISSION_INTERVAL="0.5") as operator:
+                setup_failed = False
+                yield {"cluster": c, "k8s": k8s, "ns": ns, "data": data, "agent": agent, "operator": operator,
+                       "runs": {}}
         finally:
-            failed = getattr(request.node, "rep_call", None)
-            operator.stop()
             agent.stop()
-            if failed is None or failed.failed:
-                print(f"--- operator log\n{operator.tail()}\n--- agent log\n{agent.tail()}")
+            # The logs, when this setup or a test of the module failed. Printed past pytest's capture:
+            # a module fixture's teardown output is shown only if the module's last test fails.
+            if setup_failed or request.session.testsfailed > failed_before:
+                capture = request.config.pluginmanager.get_plugin("capturemanager")
+                with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+                    print(f"\n--- e2e operator log\n{log_tail(tmp / 'operator.log', 60)}"
+                          f"--- e2e agent log\n{agent.tail()}")
 
 
 def _manifest(name: str, nodes: int = 1) -> dict[str, Any]:
@@ -89,38 +93,40 @@ def _manifest(name: str, nodes: int = 1) -> dict[str, Any]:
 
 
 def _watch_progress(k8s, ns: str, name: str, seen: list[tuple[str, dict[str, Any]]],
-                    stop: threading.Event) -> None:
-    """Every version of the run's status, from a watch: polling can miss a short run's progress patches."""
+                    done: threading.Event) -> None:
+    """Every version of the run's status, from a watch (polling can miss a short run's progress patches);
+    sets `done` when the run is Succeeded or Failed, and returns once `done` is set (by _train on timeout)."""
     from kubernetes import client, watch
 
     api = client.CustomObjectsApi(k8s)
-    while not stop.is_set():
+    while not done.is_set():
         w = watch.Watch()
-        for event in w.stream(api.list_namespaced_custom_object, "llamaops.io", "v1alpha1", ns, "llamafinetunes",
-                              field_selector=f"metadata.name={name}", timeout_seconds=5):
-            status = event["object"].get("status") or {}
-            seen.append((status.get("phase", ""), status.get("progress") or {}))
-            if stop.is_set():
-                w.stop()
+        try:
+            for event in w.stream(api.list_namespaced_custom_object, "llamaops.io", "v1alpha1", ns, "llamafinetunes",
+                                  field_selector=f"metadata.name={name}", timeout_seconds=5):
+                status = event["object"].get("status") or {}
+                seen.append((status.get("phase", ""), status.get("progress") or {}))
+                if status.get("phase") in ("Succeeded", "Failed"):
+                    done.set()
+                if done.is_set():
+                    w.stop()
+        except Exception:  # noqa: BLE001 - the API server hiccuped: watch again (a new watch lists first)
+            time.sleep(0.5)
 
 
 def _train(e2e: dict[str, Any], name: str, nodes: int, timeout: float) -> dict[str, Any]:
     """Apply a run and follow it to Succeeded; returns what was seen on the way."""
     c: Cluster = e2e["cluster"]
     seen: list[tuple[str, dict[str, Any]]] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch_progress, args=(e2e["k8s"], e2e["ns"], name, seen, stop), daemon=True)
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch_progress, args=(e2e["k8s"], e2e["ns"], name, seen, done), daemon=True)
     watcher.start()
     c.apply(_manifest(name, nodes))
-    deadline = time.monotonic() + timeout
-    while True:
-        status = c.status(name)
-        phase = status.get("phase", "")
-        if phase in ("Succeeded", "Failed") or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    stop.set()
+    done.wait(timeout)
+    done.set()  # timed out: stop the watcher
     watcher.join(timeout=10)
+    status = c.status(name)
+    phase = status.get("phase", "")
     agent: DevNodeProcess = e2e["agent"]
     pods = c.pods(name)
     logs = "\n".join(f"--- {p['metadata']['name']}\n"

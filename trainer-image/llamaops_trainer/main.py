@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,13 +13,13 @@ from typing import Any
 from llamaops.api.contract import (
     CHECKPOINTS_DIR,
     ENV_OUTPUT_DIR,
-    ENV_PROGRESS_INTERVAL,
     ENV_SPEC,
     EXIT_BAD_CONFIG,
     EXIT_OK,
     EXIT_RETRYABLE,
     METRICS_FILE,
     SPEC_PATH,
+    progress_interval,
 )
 
 from llamaops_trainer import config as run_config
@@ -178,7 +177,7 @@ def _run(args: argparse.Namespace, world: distributed.WorldInfo, stop: Any, stat
     reporter = None
     if world.is_main and cfg.name and cfg.namespace:
         reporter = progress.StatusReporter(cfg.name, cfg.namespace,
-                                           interval_s=float(os.environ.get(ENV_PROGRESS_INTERVAL, "5")))
+                                           interval_s=progress_interval())
         state["reporter"] = reporter
     elif world.is_main:
         log.info("no name/namespace in the environment: status reporting is off")

@@ -33,6 +33,7 @@ ENV_SERVICEACCOUNT_DIR = "LLAMAOPS_SERVICEACCOUNT_DIR"  # overrides SERVICEACCOU
 ENV_TERMINATION_LOG = "LLAMAOPS_TERMINATION_LOG"  # overrides TERMINATION_LOG
 # Seconds between rank 0's status patches (default 5): tests of short runs lower it.
 ENV_PROGRESS_INTERVAL = "LLAMAOPS_PROGRESS_INTERVAL"
+PROGRESS_INTERVAL_S = 5.0
 
 # Trainer exit codes, read by the Job's podFailurePolicy.
 EXIT_OK = 0
@@ -59,6 +60,12 @@ def serviceaccount_dir() -> str:
 
 def termination_log() -> str:
     return os.environ.get(ENV_TERMINATION_LOG, TERMINATION_LOG)
+
+
+def progress_interval() -> float:
+    """Seconds between rank 0's status patches (ValueError when the variable is not a number)."""
+    value = os.environ.get(ENV_PROGRESS_INTERVAL)
+    return PROGRESS_INTERVAL_S if value is None else float(value)
 
 
 def pvc_path(claim: str, path: str | None = None, root: str | None = None) -> str:

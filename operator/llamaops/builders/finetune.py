@@ -37,7 +37,7 @@ from llamaops.builders.naming import (
     labels,
     metadata,
 )
-from llamaops.builders.scheduling import GPU, GPU_TOLERATION, cpu_memory, node_selector, tolerations
+from llamaops.builders.scheduling import GPU, cpu_memory, node_selector, tolerations
 from llamaops.lifecycle import run_hash
 from llamaops.settings import Settings
 
@@ -51,6 +51,8 @@ DEV_NODE_KEY = "llamaops.io/dev-node"
 DEV_NODE_TOLERATION = {"key": DEV_NODE_KEY, "operator": "Exists", "effect": "NoSchedule"}
 # Time for the trainer to write a checkpoint after SIGTERM (Kubernetes' default is 30 s).
 TERMINATION_GRACE_SECONDS = 120
+# The fixed part of the trainer's environment (`llamaops run --local` sets it too).
+TRAINER_ENV = {"PYTHONUNBUFFERED": "1", "NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,7 @@ def _env(lft: LlamaFineTune) -> list[dict[str, Any]]:
         {"name": ENV_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": ENV_SPEC, "value": SPEC_PATH},
         {"name": "HF_HOME", "value": HF_HOME},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "NCCL_DEBUG", "value": "WARN"},
-        {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+        *({"name": k, "value": v} for k, v in TRAINER_ENV.items()),
     ]
     if spec.hf_token_secret_ref is not None:
         env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref.name, spec.hf_token_secret_ref.key))
@@ -154,25 +154,29 @@ def _env(lft: LlamaFineTune) -> list[dict[str, Any]]:
     return env
 
 
-def _torchrun_args(lft: LlamaFineTune, names: Names, cpu_only: bool = False) -> list[str]:
-    res = lft.spec.resources
-    procs = 1 if cpu_only else max(res.gpus_per_node, 1)
-    rdzv = [f"--nnodes={res.nodes}", f"--nproc-per-node={procs}"]
-    if res.nodes == 1:
+def launch_command(python: str = "python") -> list[str]:
+    """torchrun, wrapped so a rank's exit code (bad config, bad data) survives as the pod's."""
+    return [python, "-m", "llamaops_trainer.launch"]
+
+
+def torchrun_args(nodes: int, nproc_per_node: int | str, job: str = "", spec_path: str = SPEC_PATH) -> list[str]:
+    """The launcher's arguments: standalone on one node; on several, this pod's rank from the Indexed Job
+    and pod 0 of `job` (through its headless Service) as the rendezvous master."""
+    rdzv = [f"--nnodes={nodes}", f"--nproc-per-node={nproc_per_node}"]
+    if nodes == 1:
         rdzv.append("--standalone")
     else:
         # JOB_COMPLETION_INDEX is set by the Job controller in every pod of an Indexed Job.
-        rdzv += ["--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={names.job}-0.{names.job}",
+        rdzv += ["--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={job}-0.{job}",
                  f"--master-port={MASTER_PORT}"]
-    return [*rdzv, "-m", "llamaops_trainer", "--spec", SPEC_PATH]
+    return [*rdzv, "-m", "llamaops_trainer", "--spec", spec_path]
 
 
-def _resources(lft: LlamaFineTune, cpu_only: bool = False) -> dict[str, Any]:
-    res = lft.spec.resources
-    amounts = cpu_memory(res)
+def _resources(lft: LlamaFineTune, gpus: int) -> dict[str, Any]:
+    amounts = cpu_memory(lft.spec.resources)
     limits = dict(amounts)
-    if res.gpus_per_node and not cpu_only:
-        limits[GPU] = str(res.gpus_per_node)
+    if gpus:
+        limits[GPU] = str(gpus)
     out: dict[str, Any] = {}
     if amounts:
         out["requests"] = amounts
@@ -216,25 +220,22 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
         volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, **ro}})
         mounts.append({"name": f"pvc-{i}", "mountPath": pvc_path(claim, root=PVC_ROOT), **ro})
 
-    selector = node_selector(res)
-    tols = tolerations(res, gpus=bool(res.gpus_per_node))
+    # Demo mode: the dev node runs every pod of the gang as a local process on its CPU (gloo);
+    # nothing GPU-shaped would schedule there.
     demo = settings.dev_node
-    if demo:
-        # Demo mode: the dev node runs every pod of the gang as a local process on its CPU (gloo);
-        # nothing GPU-shaped would schedule there.
-        selector = {"kubernetes.io/hostname": demo}
-        tols = [t for t in tols if t != GPU_TOLERATION] + [DEV_NODE_TOLERATION]
+    gpus = 0 if demo else res.gpus_per_node
+    selector = {"kubernetes.io/hostname": demo} if demo else node_selector(res)
+    tols = tolerations(res, gpus=gpus > 0) + ([DEV_NODE_TOLERATION] if demo else [])
 
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or settings.trainer_image,
         "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
-        # torchrun, wrapped so a rank's exit code (bad config, bad data) survives as the pod's.
-        "command": ["python", "-m", "llamaops_trainer.launch"],
-        "args": _torchrun_args(lft, names, cpu_only=bool(demo)),
+        "command": launch_command(),
+        "args": torchrun_args(res.nodes, max(gpus, 1), names.job),
         "env": _env(lft),
         "ports": [{"name": "rdzv", "containerPort": MASTER_PORT}],
-        "resources": _resources(lft, cpu_only=bool(demo)),
+        "resources": _resources(lft, gpus),
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,

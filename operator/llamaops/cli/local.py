@@ -91,19 +91,23 @@ def claim_paths(spec: Any, pvc_root: Path) -> list[tuple[str, Path]]:
 
 def local_command(spec_path: str, nproc: str, python: str = sys.executable) -> list[str]:
     """The Job container's command and args for one node, with this interpreter and the local spec path."""
-    return [python, "-m", "llamaops_trainer.launch", "--nnodes=1", f"--nproc-per-node={nproc}", "--standalone",
-            "-m", "llamaops_trainer", "--spec", spec_path]
+    from llamaops.builders.finetune import launch_command, torchrun_args
+
+    return [*launch_command(python), *torchrun_args(1, nproc, spec_path=spec_path)]
 
 
 def local_env(base: dict[str, str], spec_path: str, pvc_root: Path, output_dir: Path, nproc: str,
               cpu: bool) -> dict[str, str]:
+    """This shell's environment with the pod's fixed trainer variables (this shell's NCCL settings win)."""
+    from llamaops.builders.finetune import TRAINER_ENV
+
     env = dict(base)
     for var in (ENV_NAME, ENV_NAMESPACE):  # no status to patch: this run has no object
         env.pop(var, None)
     env.update({ENV_SPEC: spec_path, ENV_PVC_ROOT: str(pvc_root), ENV_OUTPUT_DIR: str(output_dir),
-                "PYTHONUNBUFFERED": "1"})
-    env.setdefault("NCCL_DEBUG", "WARN")
-    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+                "PYTHONUNBUFFERED": TRAINER_ENV["PYTHONUNBUFFERED"]})
+    for var, value in TRAINER_ENV.items():
+        env.setdefault(var, value)
     if nproc != "1" and sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: rendezvous on loopback
     if cpu:

@@ -30,7 +30,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="the interpreter `python` means in a container")
     p.add_argument("--pass-env", action="append", default=None, metavar="NAME",
                    help=f"host variables pods inherit (repeatable; default {', '.join(DEFAULT_PASS_ENV)})")
-    p.add_argument("--pid-file", type=Path, default=None, help="write this process's pid here")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -46,9 +45,6 @@ def main(argv: list[str] | None = None) -> None:
     config = AgentConfig(node=NodeConfig(args.name, args.cpu, args.memory, args.pods), work_dir=args.work_dir,
                          pvc_dir=args.pvc_dir, python=args.python,
                          pass_env=tuple(args.pass_env) if args.pass_env is not None else DEFAULT_PASS_ENV)
-    if args.pid_file:
-        args.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        args.pid_file.write_text(f"{os.getpid()}\n")
     api = Api(args.kubeconfig)
     agent = Agent(api, config)
 
@@ -71,15 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     runner.start()
     while runner.is_alive() and not agent.stopping.is_set():
         runner.join(0.5)
+    # The only shutdown (Agent.run leaves it to its caller): on a signal it stops the pods at once,
+    # without waiting for the pod watch to return.
     agent.shutdown()
     runner.join(5)
     api.close()
-    if args.pid_file:
-        try:
-            if args.pid_file.read_text().strip() == str(os.getpid()):
-                args.pid_file.unlink()
-        except OSError:
-            pass
     if failed:
         sys.exit(1)
 

@@ -8,10 +8,11 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamaops.api.contract import ENV_PROGRESS_INTERVAL
 from llamaops.devnode.env import LOCALHOST
 from llamaops.devnode.kube import Api
 from llamaops.devnode.node import LEASE_SECONDS, NodeConfig, lease_manifest, node_manifest, node_status
@@ -26,7 +27,7 @@ TERMINAL = ("Succeeded", "Failed")
 BASE_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
 # Handy on a shared CPU: threads per process, offline Hugging Face.
 DEFAULT_PASS_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                    "LLAMAOPS_PROGRESS_INTERVAL")
+                    ENV_PROGRESS_INTERVAL)
 
 
 @dataclass
@@ -37,7 +38,6 @@ class AgentConfig:
     python: str = sys.executable
     pass_env: tuple[str, ...] = DEFAULT_PASS_ENV
     shutdown_grace_s: float = 10.0
-    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 def base_env(api_host: str, api_port: int, config: AgentConfig, environ: Mapping[str, str] = os.environ
@@ -51,7 +51,6 @@ def base_env(api_host: str, api_port: int, config: AgentConfig, environ: Mapping
     env["KUBERNETES_SERVICE_PORT_HTTPS"] = str(api_port)
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"  # every pod here has podIP 127.0.0.1
-    env.update(config.extra_env)
     return env
 
 
@@ -170,16 +169,14 @@ class Agent:
     # --------------------------------------------------------- lifecycle
 
     def run(self) -> None:
+        """Register, then run the node's pods until `stopping` is set; the caller then calls shutdown()."""
         self.register()
         beat = threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True)
         beat.start()
         log.info("node %s ready: pods run as processes of %s (KUBERNETES_SERVICE_HOST=%s:%s)", self.name,
                  self.config.python, self.ctx.base_env["KUBERNETES_SERVICE_HOST"],
                  self.ctx.base_env["KUBERNETES_SERVICE_PORT"])
-        try:
-            self.watch()
-        finally:
-            self.shutdown()
+        self.watch()
 
     def shutdown(self) -> None:
         """Stop every pod's processes (they would outlive the agent otherwise); the Node stays registered."""

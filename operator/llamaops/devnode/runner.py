@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,9 +75,7 @@ class Running:
     proc: subprocess.Popen | None = None
     log: Path = Path()
     message_file: Path | None = None
-    restart_at: float | None = None
     backoff: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class PodWorker(threading.Thread):
@@ -128,7 +126,7 @@ class PodWorker(threading.Thread):
             self._report(force=True)
         finally:
             for r in self._running:
-                self._kill(r, 0)
+                self._kill(r)
             if self.deleting:
                 try:
                     self.ctx.api.delete_pod_now(self.ns, self.pod_name, self.uid)
@@ -329,7 +327,7 @@ class PodWorker(threading.Thread):
         while any(r.proc.poll() is None for r in live) and time.monotonic() < deadline:  # type: ignore[union-attr]
             time.sleep(0.1)
         for r in live:
-            self._kill(r, 0)
+            self._kill(r)
         for r in running:
             if r.proc is not None and r.state.running:
                 self._finish(r)
@@ -344,10 +342,9 @@ class PodWorker(threading.Thread):
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _kill(self, r: Running, grace: float) -> None:
-        if r.proc is None or r.proc.poll() is not None:
-            if r.proc is not None:
-                self._signal(r, signal.SIGKILL)  # leftovers of the group
+    def _kill(self, r: Running) -> None:
+        """SIGKILL the container's process group (leftovers too, if its main process has exited already)."""
+        if r.proc is None:
             return
         self._signal(r, signal.SIGKILL)
         try:

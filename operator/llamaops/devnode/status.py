@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,12 +152,14 @@ def termination_message(message_file: Path | None, log_file: Path, exit_code: in
 
 
 def log_tail(path: Path, lines: int, max_bytes: int | None = None) -> str:
+    """The last `lines` lines of the log's last `max_bytes` bytes ("" without a log); reads only those bytes."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            if max_bytes is not None:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+            data = f.read()
     except OSError:
         return ""
-    if max_bytes is not None:
-        data = data[-max_bytes:]
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
