@@ -6,10 +6,11 @@ BIN    = $(VENV)/bin
 
 .PHONY: venv binaries crds chart demo demo-down lint test unit cluster-up cluster-down clean
 
-$(BIN)/llamaops: pyproject.toml
+# The project with its test extra, and the dev tooling, a distribution of its own (operator/dev).
+$(BIN)/llamaops: pyproject.toml operator/dev/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' -e operator/dev
 	@touch $@
 
 venv: $(BIN)/llamaops
@@ -20,11 +21,11 @@ binaries:
 
 # Render crds/ (and the chart's crds/) from the API models.
 crds: venv
-	$(BIN)/python -m llamaops.api.crdgen
+	$(BIN)/python -m llamaops.tools.crdgen
 
-# The Helm chart's generated files (CRDs, RBAC rules from operator/llamaops/rbac.py), then helm lint.
+# The Helm chart's generated files (CRDs, RBAC rules from operator/llamaops/tools/rbac.py), then helm lint.
 chart: crds
-	$(BIN)/python -m llamaops.rbac
+	$(BIN)/python -m llamaops.tools.rbac
 	@LLAMAOPS_BIN_DIR=$$(hack/build-binaries.sh) && $$LLAMAOPS_BIN_DIR/helm lint --strict charts/llamaops
 
 lint: venv

@@ -36,8 +36,8 @@ GROUP, VERSION, PLURAL = "llamaops.io", "v1alpha1", "llamafinetunes"
 
 
 def start_cluster(nodes: int, kueue: bool, home: Path) -> Path:
-    from llamaops.devcluster import ClusterConfig, DevCluster, Ports
-    from llamaops.devcluster.config import NodePools
+    from llamaops_dev.devcluster import ClusterConfig, DevCluster, Ports
+    from llamaops_dev.devcluster.config import NodePools
 
     cfg = ClusterConfig(ports=Ports().shifted(int(os.environ.get("BENCH_PORT_OFFSET", "900"))),
                         nodes=NodePools(gpu_nodes=nodes, cpu_nodes=0), kueue=kueue)
@@ -205,7 +205,7 @@ def main() -> None:
     kubeconfig = start_cluster(args.nodes if args.what == "scale" else 2, args.kueue, work / "home")
     config.load_kube_config(str(kubeconfig))
     api = client.ApiClient()
-    from llamaops.devcluster import binaries
+    from llamaops_dev.devcluster import binaries
 
     kubectl = str(binaries.resolve() / "kubectl")
 
@@ -221,8 +221,8 @@ def main() -> None:
             ns = f"bench-{mode}"
             setup(api, apply, ns)
             if mode == "kueue":
-                from llamaops.devcluster import kueue as kq
-                from llamaops.devcluster.config import NodePools
+                from llamaops_dev.devcluster import kueue as kq
+                from llamaops_dev.devcluster.config import NodePools
 
                 quota = kq.gpu_quota(NodePools(gpu_nodes=args.nodes, cpu_nodes=0))  # all simulated GPUs
                 kq.create_default_queues(api, ns, quota=quota, local_queue_name="bench")
@@ -250,7 +250,7 @@ def main() -> None:
                   f"{k['admissions_per_s']:.1f}")
         print(json.dumps(results))
     finally:
-        from llamaops.devcluster import DevCluster
+        from llamaops_dev.devcluster import DevCluster
 
         DevCluster(work / "home").down()
 

@@ -34,6 +34,7 @@ sys.path[:0] = [str(REPO / "operator"), str(REPO / "tests")]
 from api_cases import example  # noqa: E402
 from llamaops.api import LlamaServe  # noqa: E402
 from llamaops.builders import serve as b  # noqa: E402
+from llamaops.builders.serve.vllm import CHAT_TEMPLATE_FILE  # noqa: E402
 from llamaops.settings import DEFAULT_VLLM_IMAGE, Settings  # noqa: E402
 
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
@@ -135,7 +136,7 @@ def cases(template_dir: Path) -> list[dict[str, Any]]:
         if "--chat-template" in argv:
             # The pod reads it from the ConfigMap; here it is a local file with the same content.
             path = template_dir / f"case-{i}.jinja"
-            path.write_text(w.config_maps[0]["data"][b.CHAT_TEMPLATE_FILE])
+            path.write_text(w.config_maps[0]["data"][CHAT_TEMPLATE_FILE])
             argv[argv.index("--chat-template") + 1] = str(path)
             expect = {**expect, "chat_template": str(path)}
         out.append({"name": name, "argv": argv, "expect": expect})

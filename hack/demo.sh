@@ -2,7 +2,7 @@
 # `make demo`: LlamaOps' main job on the local control plane, for real.
 #
 #   1. the local control plane with simulated GPU nodes (llamaops dev-cluster up)
-#   2. the dev node `local-cpu` (python -m llamaops.devnode): a Node whose pods run
+#   2. the dev node `local-cpu` (python -m llamaops_dev.devnode): a Node whose pods run
 #      as local processes of this venv; kwok keeps simulating every other node
 #   3. the CRDs, a PVC with a tiny Llama and a chat dataset made here, and the
 #      operator in demo mode (LLAMAOPS_DEV_NODE=local-cpu: training pods go to the
@@ -55,18 +55,18 @@ stop_pid() {  # pid file, what its command line contains, name
 
 if [ "${1:-}" = down ]; then
   stop_pid "$operator_pid" "llamaops operator" operator
-  stop_pid "$devnode_pid" "llamaops.devnode" "dev node agent"
+  stop_pid "$devnode_pid" "llamaops_dev.devnode" "dev node agent"
   $llamaops dev-cluster down
   exit 0
 fi
 
 # ---------------------------------------------------------------- preflight
-if alive "$operator_pid" "llamaops operator" || alive "$devnode_pid" "llamaops.devnode" \
+if alive "$operator_pid" "llamaops operator" || alive "$devnode_pid" "llamaops_dev.devnode" \
    || $llamaops dev-cluster status >/dev/null 2>&1; then
   err "a previous demo (or dev cluster) is still up under $LLAMAOPS_HOME:"
   $llamaops dev-cluster status 2>&1 | sed 's/^/  /' >&2 || true
   alive "$operator_pid" "llamaops operator" && echo "  operator pid $(cat "$operator_pid")" >&2
-  alive "$devnode_pid" "llamaops.devnode" && echo "  dev node agent pid $(cat "$devnode_pid")" >&2
+  alive "$devnode_pid" "llamaops_dev.devnode" && echo "  dev node agent pid $(cat "$devnode_pid")" >&2
   err "tear it down first:  $teardown"
   exit 1
 fi
@@ -106,14 +106,14 @@ say "the dev node: pods bound to '$node' run as processes of this venv"
 cpus=$(nproc)
 [ "$cpus" -lt 2 ] && cpus=2  # the example asks for 2 CPUs; the dev node time-shares them
 # The trainer patches status every second (not 5), so the short demo run shows its progress.
-LLAMAOPS_PROGRESS_INTERVAL=1 $python -m llamaops.devnode --kubeconfig "$kubeconfig" --name $node --work-dir "$demo/devnode" \
+LLAMAOPS_PROGRESS_INTERVAL=1 $python -m llamaops_dev.devnode --kubeconfig "$kubeconfig" --name $node --work-dir "$demo/devnode" \
   --cpu "$cpus" > "$demo/devnode.log" 2>&1 &
 echo $! > "$devnode_pid"
 ready=""
 for _ in $(seq 120); do
   ready=$(k get node $node -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null || true)
   [ "$ready" = True ] && break
-  alive "$devnode_pid" "llamaops.devnode" || break
+  alive "$devnode_pid" "llamaops_dev.devnode" || break
   sleep 0.5
 done
 if [ "$ready" != True ]; then

@@ -2,7 +2,7 @@
 
 Cluster tests run against the cluster named by $KUBECONFIG when it is set
 (kind, a real cluster); otherwise against the local control plane
-(`llamaops.devcluster`), started once per session under a temporary
+(`llamaops_dev.devcluster`), started once per session under a temporary
 LLAMAOPS_HOME on ports shifted by $LLAMAOPS_TEST_PORT_OFFSET (default 100, so
 a dev cluster on the default ports can keep running), and stopped at the end.
 Binaries come from $LLAMAOPS_BIN_DIR, else hack/build-binaries.sh.
@@ -35,7 +35,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     value = os.environ.get("KUBECONFIG")
     if value:
         return f"cluster tests: the cluster of KUBECONFIG={value}"
-    return "cluster tests: a local control plane (llamaops.devcluster) started for this session"
+    return "cluster tests: a local control plane (llamaops_dev.devcluster) started for this session"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -68,13 +68,13 @@ class Cluster:
     # Local control plane only: its LLAMAOPS_HOME, binaries and configuration.
     home: Path | None = None
     bin_dir: Path | None = None
-    config: object | None = None  # llamaops.devcluster.ClusterConfig
+    config: object | None = None  # llamaops_dev.devcluster.ClusterConfig
 
 
 @pytest.fixture(scope="session")
 def bin_dir() -> Path:
     """The control-plane binaries ($LLAMAOPS_BIN_DIR, else built by hack/build-binaries.sh)."""
-    from llamaops.devcluster import DevClusterError, binaries
+    from llamaops_dev.devcluster import DevClusterError, binaries
 
     try:
         return binaries.resolve()
@@ -89,7 +89,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         yield Cluster(kubeconfig=kubeconfig, local=False)
         return
 
-    from llamaops.devcluster import ClusterConfig, Ports
+    from llamaops_dev.devcluster import ClusterConfig, Ports
 
     config = ClusterConfig(ports=Ports().shifted(int(os.environ.get(TEST_PORT_OFFSET_ENV, "100"))))
     yield from _local_cluster(request, tmp_path_factory, config, "llamaops-home")
@@ -98,7 +98,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 def _local_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, config: object,
                    home_name: str) -> Iterator[Cluster]:
     """A local control plane for the session, under a temporary LLAMAOPS_HOME."""
-    from llamaops.devcluster import DevCluster, DevClusterError
+    from llamaops_dev.devcluster import DevCluster, DevClusterError
 
     binaries = request.getfixturevalue("bin_dir")
     home = tmp_path_factory.mktemp(home_name)
@@ -154,7 +154,7 @@ def kueue_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
         yield Cluster(kubeconfig=kubeconfig, local=False)
         return
 
-    from llamaops.devcluster import ClusterConfig, Ports
+    from llamaops_dev.devcluster import ClusterConfig, Ports
 
     offset = int(os.environ.get(TEST_PORT_OFFSET_ENV, "100")) + KUEUE_PORT_OFFSET_STEP
     config = ClusterConfig(ports=Ports().shifted(offset), kueue=True)

@@ -1,34 +1,138 @@
-"""The operator's one small Kubernetes client module (kubernetes_asyncio).
+"""The one Kubernetes client module of the operator and the CLI (kubernetes_asyncio).
 
-Everything the handlers do to the cluster goes through here, so the calls
-(and the permissions they need) are in one place.
+Finding the cluster as kubectl does (`api_client`, `connect`, `current_namespace`),
+reading its errors (`describe_api_error`), and `Kube`: everything the handlers
+do to the cluster, so the calls (and the permissions they need) are in one place.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
+import os
 import socket
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-GROUP, VERSION = "llamaops.io", "v1alpha1"
-FINETUNES, SERVES = "llamafinetunes", "llamaserves"
+from llamaops.api.constants import FIELD_MANAGER, FINETUNES, GROUP, SERVES, VERSION
+from llamaops.api.contract import SERVICEACCOUNT_DIR
+
 MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
-FIELD_MANAGER = "llamaops"
 log = logging.getLogger(__name__)
 
+# The pod's own service account. The fixed path, not contract.serviceaccount_dir(): load_incluster_config
+# reads its credentials from there whatever LLAMAOPS_SERVICEACCOUNT_DIR says.
+_SA_DIR = Path(SERVICEACCOUNT_DIR)
 
-async def connect() -> client.ApiClient:
-    """In-cluster credentials when running in a pod, else $KUBECONFIG / ~/.kube/config, like kubectl."""
+
+# ---------------------------------------------------------------- finding the cluster
+
+
+class ClusterError(Exception):
+    """The cluster cannot be reached or refused a request (the CLI exits 2 with this message)."""
+
+
+def _config_file(kubeconfig: str | None) -> str | None:
+    value = kubeconfig or os.environ.get("KUBECONFIG") or None
+    if value:
+        return value
+    default = Path("~/.kube/config").expanduser()
+    return str(default) if default.is_file() else None
+
+
+def _in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (_SA_DIR / "token").is_file()
+
+
+def current_namespace(kubeconfig: str | None = None, context: str | None = None) -> str:
+    """The namespace kubectl would use: the context's, else the pod's, else "default"."""
+    path = _config_file(kubeconfig)
+    if path is None:
+        if _in_cluster() and (_SA_DIR / "namespace").is_file():
+            return (_SA_DIR / "namespace").read_text().strip() or "default"
+        return "default"
     try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        await config.load_kube_config()
-    return client.ApiClient()
+        contexts, active = config.list_kube_config_contexts(path)
+    except (config.ConfigException, OSError):
+        return "default"
+    chosen = next((c for c in contexts if c.get("name") == context), None) if context else active
+    return ((chosen or {}).get("context") or {}).get("namespace") or "default"
+
+
+async def api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
+    """A client for the cluster, found as kubectl finds it: --kubeconfig, else $KUBECONFIG, else
+    ~/.kube/config (with `context`, else the current one); inside a pod with none of these, the pod's
+    service account. The caller closes it."""
+    path = _config_file(kubeconfig)
+    try:
+        if path is None and _in_cluster():
+            config.load_incluster_config()
+            return client.ApiClient()
+        if path is None:
+            raise ClusterError("no kubeconfig: pass --kubeconfig, set KUBECONFIG, or create ~/.kube/config "
+                               "(`llamaops dev-cluster up` prints one for the local control plane)")
+        return await config.new_client_from_config(config_file=path, context=context)
+    except config.ConfigException as exc:
+        raise ClusterError(f"kubeconfig {path}: {exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def connect(kubeconfig: str | None = None, context: str | None = None) -> AsyncIterator[client.ApiClient]:
+    """`api_client`, closed on exit."""
+    api = await api_client(kubeconfig, context)
+    try:
+        yield api
+    finally:
+        await api.close()
+
+
+async def raise_for_status(resp: Any) -> None:
+    """ApiException for an error status of a call made with _preload_content=False (which does not raise
+    by itself), its body read for the message."""
+    if resp.status >= 400:
+        error = ApiException(status=resp.status, reason=resp.reason)
+        error.body = await resp.text()
+        raise error
+
+
+async def raw_json(resp: Any) -> Any:
+    """The JSON of a call made with _preload_content=False."""
+    await raise_for_status(resp)
+    return await resp.json()
+
+
+def api_message(exc: BaseException) -> str:
+    """The message of the Status an ApiException carries in its body ("" when there is none)."""
+    try:
+        status = json.loads(getattr(exc, "body", None) or "{}")
+    except (TypeError, ValueError):
+        return ""
+    return str(status.get("message") or "") if isinstance(status, dict) else ""
+
+
+def describe_api_error(exc: BaseException) -> str | None:
+    """A one-line message for the errors a cluster call can end in, or None for anything else."""
+    from aiohttp import ClientError
+
+    if isinstance(exc, ClusterError):
+        return str(exc)
+    if isinstance(exc, ApiException):
+        message = api_message(exc)
+        return f"the API server answered {exc.status} {exc.reason}" + (f": {message}" if message else "")
+    if isinstance(exc, ClientError | asyncio.TimeoutError | OSError):
+        return f"cannot reach the cluster: {exc or type(exc).__name__}"
+    return None
+
+
+# ---------------------------------------------------------------- the operator's calls
 
 
 class Kube:

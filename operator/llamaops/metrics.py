@@ -27,6 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from llamaops import status as st
+from llamaops.state.finetune import RunSnapshot
 
 log = logging.getLogger(__name__)
 PHASES = ("Pending", "Queued", "Admitted", "Running", "Succeeded", "Failed", "Suspended")
@@ -50,11 +51,10 @@ def _condition_time(status: Mapping[str, Any], type_: str) -> str | None:
 
 
 class RunsCollector(Collector):
-    """State metrics from run snapshots: dicts with namespace, name, phase, suspend, nodes,
-    gpus_per_node, in_scope and progress (finetune_index's values, lifecycle.snapshot)."""
+    """State metrics from run snapshots (finetune_index's values, state.finetune.RunSnapshot)."""
 
     def __init__(self) -> None:
-        self.source: Callable[[], Iterable[Mapping[str, Any]]] | None = None
+        self.source: Callable[[], Iterable[RunSnapshot]] | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         queue_length = GaugeMetricFamily("llamaops_queue_length", "LlamaFineTunes waiting in the queue (phase Queued, "
@@ -72,15 +72,15 @@ class RunsCollector(Collector):
         counts = dict.fromkeys(PHASES, 0)
         queued = gpus = 0
         for run in (self.source() if self.source else ()):
-            if not run.get("in_scope", True):
+            if not run.in_scope:
                 continue
-            phase = run.get("phase") or "Pending"
+            phase = run.phase or "Pending"
             counts[phase] = counts.get(phase, 0) + 1
-            if phase == "Queued" and not run.get("suspend"):
+            if phase == "Queued" and not run.suspend:
                 queued += 1
-                gpus += int(run.get("nodes") or 1) * int(run.get("gpus_per_node") or 0)
-            progress = run.get("progress") or {}
-            labels = [run.get("namespace") or "", run.get("name") or ""]
+                gpus += run.gpus
+            progress = run.progress
+            labels = [run.namespace, run.name]
             if progress.get("loss") is not None:
                 loss.add_metric(labels, float(progress["loss"]))
             if progress.get("step") is not None:
@@ -111,12 +111,11 @@ class Metrics:
 
     # ---- state
 
-    def track(self, index: Mapping[Any, Iterable[Mapping[str, Any]]]) -> None:
+    def track(self, index: Mapping[Any, Iterable[RunSnapshot]]) -> None:
         """Read run state from kopf's finetune index (key (namespace, name) -> its snapshot)."""
-        def snapshots() -> Iterator[Mapping[str, Any]]:
-            for (namespace, name), store in list(index.items()):
-                for snap in store:
-                    yield {"namespace": namespace, "name": name, **snap}
+        def snapshots() -> Iterator[RunSnapshot]:
+            for store in list(index.values()):
+                yield from store
         self.runs.source = snapshots
 
     # ---- events

@@ -8,8 +8,8 @@ from typing import Any
 
 import kopf
 
-from llamaops.handlers.runtime import Runtime, set_runtime
-from llamaops.kube import Kube, connect
+from llamaops.handlers.runtime import Runtime, runtime
+from llamaops.kube import Kube, api_client
 from llamaops.settings import Settings
 
 
@@ -22,7 +22,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = "llamaops.io/finalizer"
     # One active replica (Deployment strategy Recreate); no peering objects needed.
     settings.peering.standalone = True
-    # Least privilege (llamaops/rbac.py): no list/watch of CRDs or namespaces. The CRDs must exist
+    # Least privilege (llamaops/tools/rbac.py): no list/watch of CRDs or namespaces. The CRDs must exist
     # before the operator starts (Helm's crds/, Argo CD's ordering); one added later needs a restart.
     settings.scanning.disabled = True
     settings.posting.level = logging.INFO
@@ -32,21 +32,20 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.on.cleanup()
-async def report(logger: logging.Logger, **_: Any) -> None:
-    from llamaops.handlers.runtime import runtime
-
+async def report(logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
     # Read by bench/operator_queue.py: API calls made by our own client (kopf's watches excluded).
-    logger.info("llamaops api requests: %d", runtime().kube.requests)
+    logger.info("llamaops api requests: %d", runtime(memo).kube.requests)
 
 
 def watch_scope(settings: Settings) -> dict[str, Any]:
     """Which namespaces kopf watches.
 
-    The built-in queue counts every GPU pod in the cluster, so it watches every namespace.
-    Under Kueue nothing reads those indexes: an operator for some namespaces watches only them,
-    and never lists (nor holds in memory at start-up) the objects of the rest of the cluster.
+    A queue the operator admits for itself counts every GPU pod in the cluster, so it watches every
+    namespace. Under an external queue (Kueue) nothing reads those indexes: an operator for some
+    namespaces watches only them, and never lists (nor holds in memory at start-up) the objects of the
+    rest of the cluster.
     """
-    if settings.queue_mode == "kueue" and settings.namespaces:
+    if settings.queue_policy().external and settings.namespaces:
         return {"clusterwide": False, "namespaces": list(settings.namespaces)}
     return {"clusterwide": True}
 
@@ -65,11 +64,11 @@ def run(settings: Settings, *, verbose: bool = False) -> None:
             from llamaops import metrics
 
             await metrics.serve(settings.metrics_port)
-        api = await connect()
-        set_runtime(Runtime(settings=settings, kube=Kube(api)))
+        api = await api_client()
         try:
             await kopf.operator(
                 **watch_scope(settings),
+                memo=kopf.Memo(runtime=Runtime.start(settings, Kube(api))),
                 liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz",
             )
         finally:

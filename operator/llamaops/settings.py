@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
 
-QueueMode = Literal["builtin", "kueue"]
+from llamaops import queue
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/llamaops/trainer:0.1.0"
 # The vLLM release whose argument parser bench/vllm_args.py checks our `vllm serve` arguments against.
@@ -23,7 +22,7 @@ def _csv(value: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Settings:
     namespaces: tuple[str, ...] = ()  # empty: every namespace
-    queue_mode: QueueMode = "builtin"
+    queue_mode: str = "builtin"  # the queue policy, by its registered name (llamaops.queue)
     kueue_default_queue: str = "default"  # LocalQueue for runs that name none
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     vllm_image: str = DEFAULT_VLLM_IMAGE
@@ -34,7 +33,7 @@ class Settings:
     admission_interval: float = 2.0  # seconds between admission passes when nothing changes
     model_cache_pvc: str | None = None  # a claim per namespace for HF_HOME, shared by runs
     liveness_port: int = 8080
-    # Demo mode: every training pod goes to this dev node (llamaops.devnode: pods as local processes),
+    # Demo mode: every training pod goes to this dev node (llamaops_dev.devnode: pods as local processes),
     # trains on its CPU (gloo, no GPUs requested) and is admitted without counting GPUs.
     dev_node: str | None = None
     metrics_port: int = 0  # Prometheus /metrics; 0: off (parallel local operators never collide)
@@ -43,11 +42,11 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         mode = env.get("LLAMAOPS_QUEUE_MODE", "builtin")
-        if mode not in ("builtin", "kueue"):
-            raise ValueError(f"LLAMAOPS_QUEUE_MODE must be builtin or kueue, not {mode!r}")
+        if mode not in queue.names():
+            raise ValueError(f"LLAMAOPS_QUEUE_MODE must be one of {', '.join(queue.names())}, not {mode!r}")
         return cls(
             namespaces=_csv(env.get("LLAMAOPS_NAMESPACES", "")),
-            queue_mode=mode,  # type: ignore[arg-type]
+            queue_mode=mode,
             kueue_default_queue=env.get("LLAMAOPS_KUEUE_QUEUE", "default"),
             trainer_image=env.get("LLAMAOPS_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
             vllm_image=env.get("LLAMAOPS_VLLM_IMAGE", DEFAULT_VLLM_IMAGE),
@@ -61,3 +60,8 @@ class Settings:
             dev_node=env.get("LLAMAOPS_DEV_NODE") or None,
             metrics_port=int(env.get("LLAMAOPS_METRICS_PORT") or "0"),
         )
+
+    def queue_policy(self) -> queue.QueuePolicy:
+        """The queue policy these settings select, configured by them."""
+        return queue.create(self.queue_mode, queue.PolicyConfig(backfill_limit=self.backfill_limit,
+                                                                default_queue=self.kueue_default_queue))

@@ -1,4 +1,4 @@
-"""The dev node agent (`python -m llamaops.devnode`) as a subprocess of a test, with its pods' files at hand."""
+"""The dev node agent (`python -m llamaops_dev.devnode`) as a subprocess of a test, with its pods' files at hand."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from kubetest import wait_until
-from llamaops.devcluster.processes import log_tail
-from llamaops.devnode import runner
+from llamaops_dev.devcluster.processes import log_tail
+from llamaops_dev.devnode import runner
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = "local-cpu"
@@ -38,7 +38,7 @@ class DevNodeProcess:
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                    LLAMAOPS_PROGRESS_INTERVAL="0.5")
         env.pop("KUBECONFIG", None)  # pods must not find the admin's credentials
-        cmd = [sys.executable, "-m", "llamaops.devnode", f"--kubeconfig={self.kubeconfig}", f"--name={self.name}",
+        cmd = [sys.executable, "-m", "llamaops_dev.devnode", f"--kubeconfig={self.kubeconfig}", f"--name={self.name}",
                f"--work-dir={self.work_dir}", f"--cpu={self.cpu}", f"--memory={self.memory}"]
         with self.log.open("a") as out:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)

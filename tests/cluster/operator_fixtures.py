@@ -173,10 +173,11 @@ class Cluster:
     def job(self, name: str) -> dict[str, Any] | None:
         return self.get("job", f"{name}-train")
 
-    def finish_pods(self, name: str, exit_code: int = 0, message: str = "") -> None:
-        """Write a terminal status on the run's pods, as the kubelet would when the trainer exits."""
-        pods = wait_until(lambda: [p for p in self.pods(name) if p["status"].get("phase") == "Running"],
-                        f"running pods of {name}")
+    def finish_pods(self, name: str, exit_code: int = 0, message: str = "", count: int = 1) -> None:
+        """Write a terminal status on the run's pods (once `count` of them run), as the kubelet would when the
+        trainer exits."""
+        pods = wait_until(lambda: (lambda running: running if len(running) >= count else None)(
+            [p for p in self.pods(name) if p["status"].get("phase") == "Running"]), f"{count} running pod(s) of {name}")
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for pod in pods:
             image = pod["spec"]["containers"][0]["image"]

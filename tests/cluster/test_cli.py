@@ -119,7 +119,7 @@ def test_watch_of_a_namespace_and_of_a_missing_run(crds, kubectl, kubeconfig: Pa
 
 def test_watch_resumes_after_each_server_timeout(crds, kubectl, kubeconfig: Path, namespace: str) -> None:
     """One-second watches: the change made after several of them have ended is still seen, from the last version."""
-    from llamaops.cli import kubeclient
+    from llamaops import kube
     from llamaops.cli.watch import follow, view
 
     kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(tiny("slow")))
@@ -132,7 +132,7 @@ def test_watch_resumes_after_each_server_timeout(crds, kubectl, kubeconfig: Path
         set_status(kubectl, namespace, "slow", {"phase": "Succeeded"})
 
     async def main() -> dict:
-        async with kubeclient.connect(str(kubeconfig)) as api:
+        async with kube.connect(str(kubeconfig)) as api:
             return await asyncio.wait_for(follow(
                 api, namespace, "slow", lambda objs: changes.append(view(objs[f"{namespace}/slow"]).phase),
                 lambda objs: all(view(o).done for o in objs.values()), watch_seconds=1), 60)

@@ -105,7 +105,7 @@ def test_nodes_are_ready_and_offer_gpus(cluster, k8s):
         assert any(gpus(n) > 0 for n in items), f"no node has {GPU} allocatable"
         return
 
-    from llamaops.devcluster import nodes
+    from llamaops_dev.devcluster import nodes
 
     pools = cluster.config.nodes
     by_name = {n.metadata.name: n for n in items}
@@ -356,12 +356,12 @@ def llamaops_command() -> list[str]:
     script = Path(sys.executable).parent / "llamaops"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "llamaops.devcluster"]
+    return [sys.executable, "-m", "llamaops_dev.devcluster"]
 
 
 def run_launcher(*args: str, home: Path, bin_dir: Path, timeout: float = 90, **env: str) -> subprocess.CompletedProcess:
     command = llamaops_command()
-    if command[-1] != "llamaops.devcluster":
+    if command[-1] != "llamaops_dev.devcluster":
         command.append("dev-cluster")
     full_env = {**os.environ, "LLAMAOPS_HOME": str(home), "LLAMAOPS_BIN_DIR": str(bin_dir), **env}
     full_env.pop("KUBECONFIG", None)
@@ -390,7 +390,7 @@ def test_status_lists_running_components(cluster):
 
 def test_taken_port_is_named_in_a_quick_error(bin_dir, tmp_path):
     skip_if_foreign()
-    from llamaops.devcluster import Ports
+    from llamaops_dev.devcluster import Ports
 
     ports = Ports().shifted(PORT_TAKEN_OFFSET)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
@@ -412,9 +412,9 @@ def test_taken_port_is_named_in_a_quick_error(bin_dir, tmp_path):
 
 def test_component_dying_at_start_up_shows_its_log(bin_dir, tmp_path):
     skip_if_foreign()
-    from llamaops.devcluster import Ports
-    from llamaops.devcluster.components import BINARIES
-    from llamaops.devcluster.net import port_in_use
+    from llamaops_dev.devcluster import Ports
+    from llamaops_dev.devcluster.components import BINARIES
+    from llamaops_dev.devcluster.net import port_in_use
 
     fake = tmp_path / "bin"
     fake.mkdir()

@@ -1,7 +1,7 @@
 """End to end on the local control plane: `kubectl apply` -> queued, admitted, really trained -> adapter.
 
 The operator runs in demo mode (LLAMAOPS_DEV_NODE), so its training pods go to
-the dev node (llamaops.devnode), whose agent runs them as local processes: the
+the dev node (llamaops_dev.devnode), whose agent runs them as local processes: the
 trainer image's command line, the spec from the Job's ConfigMap, the claim a
 hostPath PV backs, a token of the run's own ServiceAccount. kwok keeps
 simulating every other node.
@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 from devnode_fixtures import NODE, DevNodeProcess
-from llamaops.devcluster.processes import log_tail
+from llamaops_dev.devcluster.processes import log_tail
 from operator_fixtures import Cluster, crd_namespace, running_operator
 
 pytestmark = pytest.mark.cluster

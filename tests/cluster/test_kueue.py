@@ -19,13 +19,13 @@ from kubernetes import client
 from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 from kubetest import fresh_namespace, wait_until
-from llamaops.devcluster import kueue
+from llamaops_dev.devcluster import kueue
 
 pytestmark = pytest.mark.cluster
 
 GPU = "nvidia.com/gpu"
 IMAGE = "busybox:1.36"
-# kwok leaves pods with this label Running (see llamaops.devcluster.kwok_stages).
+# kwok leaves pods with this label Running (see llamaops_dev.devcluster.kwok_stages).
 HOLD_LABEL = "llamaops.io/finetune"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 

@@ -177,6 +177,29 @@ def test_infrastructure_failure_restarts_the_whole_gang(c: Cluster) -> None:
     assert failed["reason"] == "RestartsExhausted"
 
 
+def test_a_trainer_that_checkpointed_and_exited_75_queues_again_and_resumes(c: Cluster) -> None:
+    """Exit 75 (the trainer saved a checkpoint: interrupted, or infrastructure trouble): the run gives its GPUs
+    back and goes through the queue again (here behind a more urgent run), then resumes on a new Job."""
+    c.run("interrupted", gpus=8, nodes=2, maxRestarts=2)
+    c.wait_phase("interrupted", "Running")
+    first = c.job("interrupted")["metadata"]["uid"]
+    c.run("urgent", gpus=8, nodes=2, priority=10)
+    c.wait_phase("urgent", "Queued")
+    c.finish_pods("interrupted", exit_code=75, message="stopped at step 40 by a termination signal", count=2)
+    c.wait_phase("urgent", "Running", timeout=30)  # the GPUs went back to the queue, and its head took them
+    queued = c.wait_phase("interrupted", "Queued")
+    assert queued["restarts"] == 1 and not queued.get("assignedNodes")
+    reason = {x["type"]: x["reason"] for x in queued["conditions"]}
+    assert reason["Admitted"] == "Interrupted" and reason["Running"] == "Interrupted"
+    wait_until(lambda: c.status("interrupted").get("queuePosition") == 1, "interrupted's queue position")
+    assert any(e["reason"] == "Interrupted" and "resumes from its checkpoint" in e["message"]
+               for e in c.events("interrupted"))
+    c.finish_pods("urgent", count=2)
+    status = c.wait_phase("interrupted", "Running", timeout=30)
+    assert len(status["assignedNodes"]) == 2 and status["restarts"] == 1
+    assert c.job("interrupted")["metadata"]["uid"] != first
+
+
 def test_suspend_frees_gpus_and_resume_requeues(c: Cluster) -> None:
     c.run("pausable", gpus=8, nodes=2)
     c.wait_phase("pausable", "Running")

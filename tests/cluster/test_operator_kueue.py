@@ -21,7 +21,7 @@ def kc(kueue_cluster, kubectl, tmp_path_factory) -> Iterator[tuple[object, str, 
     kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/llamafinetunes.llamaops.io")
     ns = f"kq-{secrets.token_hex(3)}"
     kubectl("create", "namespace", ns)
-    from llamaops.devcluster import kueue
+    from llamaops_dev.devcluster import kueue
 
     api = kube_config.new_client_from_config(config_file=str(kueue_cluster.kubeconfig))
     # A quota of 8 GPUs: one 8-GPU run at a time.

@@ -12,7 +12,7 @@ The removals run side by side, each in its own namespace with its own ServiceAcc
 its own copy of the installed ClusterRole less one rule (the same as patching the ClusterRole,
 one rule at a time, but all at once instead of one after another).
 
-Happy paths are listed in HAPPY_PATHS, keyed by the `used_by` of the rules (llamaops/rbac.py)
+Happy paths are listed in HAPPY_PATHS, keyed by the `used_by` of the rules (llamaops/tools/rbac.py)
 they prove: rules of a feature with no happy path here are skipped, saying so.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 from api_cases import example
-from llamaops import rbac
+from llamaops.tools import rbac
 from operator_fixtures import Cluster, OperatorProcess, gpu_pods_gone, install_crds
 from test_helm import CHART, Helm, helm_binary
 

@@ -272,7 +272,7 @@ def test_deleting_removes_every_child(c: Serving) -> None:
 
 
 def test_ollama_runtime_serves_the_adapter_through_a_modelfile(c: Serving) -> None:
-    c.serve("olla", runtime="ollama", model={"base_model": "llama3.1:8b"}, systemPrompt=PROMPT,
+    c.serve("olla", runtime="ollama", model={"base_model": "llama3.1:8b"}, systemPrompt=PROMPT, vllm={},
             adapters=[{"name": "k8s-assistant", "uri": "pvc://adapters/ml/run/adapter"}])
     status = c.wait_serve("olla", "Ready", check=lambda s: s.get("readyReplicas") == 1)
     assert status["endpoint"] == f"http://olla.{c.ns}.svc:11434/v1"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from llamaops.devcluster.components import BINARIES
+from llamaops_dev.devcluster.components import BINARIES
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from api_cases import EXAMPLES
-from llamaops.api import LlamaFineTune, LlamaServe, crdgen
+from llamaops.api import LlamaFineTune, LlamaServe
 from llamaops.api.manifests import load_all, load_file
 from llamaops.api.schema import openapi_schema
-from llamaops.api.validation import validate_manifest
+from llamaops.builders.serve import validate_manifest
+from llamaops.tools import crdgen
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO.parent / "shared" / "seed" / "llama-models.md"

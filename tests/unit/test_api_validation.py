@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from api_cases import CASES, Case
-from llamaops.api.validation import validate_manifest
+from llamaops.builders.serve import validate_manifest
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -46,7 +46,7 @@ def test_unknown_catalog_model_is_a_warning_not_an_error() -> None:
 def test_serve_refuses_adapter_trained_on_another_base() -> None:
     from api_cases import example
     from llamaops.api.finetune import LlamaFineTune
-    from llamaops.api.validation import validate_serve
+    from llamaops.builders.serve import validate_serve
 
     ft = LlamaFineTune.model_validate(example("llama-3.3-70b-qlora.yaml"))
     serve = example("llama-3.1-8b-serve.yaml")
@@ -59,7 +59,7 @@ def test_serve_refuses_adapter_trained_on_another_base() -> None:
 def test_max_lora_rank_must_cover_adapters() -> None:
     from api_cases import example
     from llamaops.api.finetune import LlamaFineTune
-    from llamaops.api.validation import validate_serve
+    from llamaops.builders.serve import validate_serve
 
     ft = LlamaFineTune.model_validate(example("llama-3.1-8b-lora.yaml"))  # r = 32
     serve = example("llama-3.1-8b-serve.yaml")

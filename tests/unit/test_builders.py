@@ -5,8 +5,9 @@ from __future__ import annotations
 import yaml
 from api_cases import example
 from llamaops.api import LlamaFineTune
-from llamaops.builders.finetune import Names, Placement, adapter_uri, workload
+from llamaops.builders.finetune import Names, adapter_uri, workload
 from llamaops.builders.naming import MAX_JOB_NAME, child_name
+from llamaops.queue import Placement, PolicyConfig, QueuedRun, create
 from llamaops.settings import Settings
 
 
@@ -102,7 +103,9 @@ def test_pod_is_restricted_and_keeps_tokens_in_secrets() -> None:
 
 
 def test_kueue_placement_suspends_the_job_with_the_queue_label() -> None:
-    job = workload(lft(), Settings(), Placement(kueue_queue="team-a-queue")).job
+    kueue = create("kueue", PolicyConfig(default_queue="default"))
+    placement = kueue.submission(QueuedRun("ml/run", 0, 0.0, queue_name="team-a-queue"))
+    job = workload(lft(), Settings(), placement).job
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
     assert "affinity" not in pod(job)
@@ -137,7 +140,7 @@ def test_demo_mode_sends_the_gang_to_the_dev_node_on_cpu() -> None:
     assert "--master-addr=llama31-8b-lora-train-0.llama31-8b-lora-train" in ctr["args"]
     # The dev node's agent registers exactly the taint and label the builder tolerates and selects.
     from llamaops.builders.finetune import DEV_NODE_KEY, DEV_NODE_TOLERATION
-    from llamaops.devnode import NODE_LABEL, NODE_TAINT
+    from llamaops_dev.devnode import NODE_LABEL, NODE_TAINT
 
     assert NODE_LABEL == DEV_NODE_KEY and NODE_TAINT["key"] == DEV_NODE_TOLERATION["key"]
     assert NODE_TAINT["effect"] == DEV_NODE_TOLERATION["effect"]

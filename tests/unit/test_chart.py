@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
-from llamaops import rbac, settings
-from llamaops.api import crdgen
+from llamaops import settings
+from llamaops.tools import crdgen, rbac
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "llamaops"
@@ -62,7 +62,7 @@ def test_lint_is_clean(helm: str) -> None:
 
 
 def test_generated_files_are_current() -> None:
-    """charts/llamaops/crds (crdgen) and files/rbac (llamaops.rbac) are generated: `make chart` refreshes them."""
+    """charts/llamaops/crds (crdgen) and files/rbac (llamaops.tools.rbac) are generated: `make chart` refreshes them."""
     assert rbac.main(["--check"]) == 0, "stale chart RBAC rules: run `make chart`"
     chart_crds = CHART / "crds"
     for name, obj in crdgen.render().items():
@@ -187,7 +187,8 @@ def test_rules_are_least_privilege() -> None:
     # The trainer's Role (builders/finetune.py) grants only what the operator holds: RBAC's escalation check.
     from api_cases import example
     from llamaops.api import LlamaFineTune
-    from llamaops.builders.finetune import Placement, workload
+    from llamaops.builders.finetune import workload
+    from llamaops.queue import Placement
 
     doc = example("llama-3.1-8b-lora.yaml")
     doc["metadata"].update(namespace="team-a", uid="uid-1")

@@ -41,7 +41,7 @@ def test_no_kubeconfig_at_all(tmp_path: Path) -> None:
 
 
 def test_the_contexts_namespace_is_the_default(tmp_path: Path) -> None:
-    from llamaops.cli.kubeclient import current_namespace
+    from llamaops.kube import current_namespace
 
     config = {"apiVersion": "v1", "kind": "Config", "current-context": "a",
               "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],

@@ -10,9 +10,10 @@ import yaml
 from api_cases import EXAMPLES, example
 from llamaops.api import LlamaFineTune
 from llamaops.api.contract import ENV_NAME, ENV_NAMESPACE, ENV_OUTPUT_DIR, ENV_PVC_ROOT, ENV_SPEC, SPEC_PATH
-from llamaops.builders.finetune import Placement, job, spec_document
+from llamaops.builders.finetune import job, spec_document
 from llamaops.cli import app
 from llamaops.cli.local import local_command, local_env
+from llamaops.queue import Placement
 from llamaops.settings import Settings
 from typer.testing import CliRunner
 

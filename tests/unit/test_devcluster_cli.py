@@ -6,7 +6,7 @@ import socket
 
 import pytest
 from llamaops.cli import app
-from llamaops.devcluster import DevClusterError, binaries
+from llamaops_dev.devcluster import DevClusterError, binaries
 from typer.testing import CliRunner
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from llamaops.devcluster import ClusterConfig, DevClusterError, NodePools, Ports
-from llamaops.devcluster.config import StateDir, default_home
+from llamaops_dev.devcluster import ClusterConfig, DevClusterError, NodePools, Ports
+from llamaops_dev.devcluster.config import StateDir, default_home
 
 
 def test_default_ports_avoid_a_real_clusters_ports():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 from llamaops.cli import app
-from llamaops.devcluster import ClusterConfig, DevClusterError, NodePools, Ports, kueue
-from llamaops.devcluster.config import StateDir
+from llamaops_dev.devcluster import ClusterConfig, DevClusterError, NodePools, Ports, kueue
+from llamaops_dev.devcluster.config import StateDir
 from typer.testing import CliRunner
 
 ROLE = """\

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from llamaops.devcluster import NodePools, nodes
+from llamaops_dev.devcluster import NodePools, nodes
 
 
 def test_default_nodes():

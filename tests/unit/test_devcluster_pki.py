@@ -6,7 +6,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from llamaops.devcluster import pki
+from llamaops_dev.devcluster import pki
 
 
 def load(path) -> x509.Certificate:

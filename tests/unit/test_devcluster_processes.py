@@ -5,9 +5,9 @@ import socket
 import time
 from pathlib import Path
 
-from llamaops.devcluster import processes
-from llamaops.devcluster.net import port_in_use, wait_ports_free
-from llamaops.devcluster.processes import ProcessSpec
+from llamaops_dev.devcluster import processes
+from llamaops_dev.devcluster.net import port_in_use, wait_ports_free
+from llamaops_dev.devcluster.processes import ProcessSpec
 
 
 def group_members(pgid: int) -> list[int]:

@@ -1,11 +1,11 @@
-"""The dev node's env resolution and localisation (llamaops.devnode.env)."""
+"""The dev node's env resolution and localisation (llamaops_dev.devnode.env)."""
 
 from __future__ import annotations
 
 import base64
 
 import pytest
-from llamaops.devnode import env
+from llamaops_dev.devnode import env
 
 POD = {
     "metadata": {"name": "run-train-0-abcde", "namespace": "team", "uid": "u1",

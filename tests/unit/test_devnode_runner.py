@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llamaops.devnode import node, status
-from llamaops.devnode.runner import NodeContext, PodWorker
-from llamaops.devnode.volumes import Materialiser, VolumeError, mirror_mounts
+from llamaops_dev.devnode import node, status
+from llamaops_dev.devnode.runner import NodeContext, PodWorker
+from llamaops_dev.devnode.volumes import Materialiser, VolumeError, mirror_mounts
 
 
 class FakeApi:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from api_cases import example
 from llamaops.api import LlamaFineTune
-from llamaops.lifecycle import Action, State, decide, run_hash
+from llamaops.state.finetune import Action, State, decide, run_hash
 from llamaops.status import is_true, set_condition
 
 H = "hash-1"

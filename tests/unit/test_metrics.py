@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 
 import pytest
 from llamaops import metrics
+from llamaops.api.finetune import TrainingResources
+from llamaops.state.finetune import RunSnapshot
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,10 +27,10 @@ def _samples(m: metrics.Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]]
     return out
 
 
-def _snap(phase: str | None, *, nodes: int = 1, gpus: int = 1, suspend: bool = False, in_scope: bool = True,
-          progress: dict | None = None) -> dict:
-    return {"phase": phase, "nodes": nodes, "gpus_per_node": gpus, "suspend": suspend, "in_scope": in_scope,
-            "progress": progress or {}}
+def _snap(key: tuple[str, str], phase: str | None, *, nodes: int = 1, gpus: int = 1, suspend: bool = False,
+          in_scope: bool = True, progress: dict | None = None) -> RunSnapshot:
+    return RunSnapshot(namespace=key[0], name=key[1], phase=phase, suspend=suspend, in_scope=in_scope,
+                       resources=TrainingResources(nodes=nodes, gpus_per_node=gpus), progress=progress or {})
 
 
 @pytest.fixture
@@ -37,14 +39,15 @@ def m() -> metrics.Metrics:
 
 
 def test_state_comes_from_the_index_and_deleted_runs_vanish(m: metrics.Metrics) -> None:
-    index = {
-        ("a", "queued-big"): [_snap("Queued", nodes=2, gpus=8)],
-        ("a", "queued-small"): [_snap("Queued", gpus=1)],
-        ("a", "suspended"): [_snap("Queued", gpus=4, suspend=True)],
-        ("b", "running"): [_snap("Running", progress={"step": 25, "totalSteps": 100, "loss": 1.25})],
-        ("b", "new"): [_snap(None)],
-        ("other", "not-ours"): [_snap("Queued", gpus=8, in_scope=False)],
-    }
+    snaps = [
+        _snap(("a", "queued-big"), "Queued", nodes=2, gpus=8),
+        _snap(("a", "queued-small"), "Queued", gpus=1),
+        _snap(("a", "suspended"), "Queued", gpus=4, suspend=True),
+        _snap(("b", "running"), "Running", progress={"step": 25, "totalSteps": 100, "loss": 1.25}),
+        _snap(("b", "new"), None),
+        _snap(("other", "not-ours"), "Queued", gpus=8, in_scope=False),
+    ]
+    index = {(s.namespace, s.name): [s] for s in snaps}
     m.track(index)
     s = _samples(m)
     assert s[("llamaops_queue_length", ())] == 3 - 1  # the suspended one waits for nothing
@@ -67,15 +70,15 @@ def test_state_comes_from_the_index_and_deleted_runs_vanish(m: metrics.Metrics) 
 
 
 def test_state_from_the_snapshots_the_index_keeps_of_objects(m: metrics.Metrics) -> None:
-    from llamaops.lifecycle import snapshot
-
-    def lft(phase: str, nodes: int, gpus: int, **status) -> dict:
-        return {"metadata": {"name": "x", "namespace": "a", "creationTimestamp": _ago(60)},
+    def lft(key: str, phase: str, nodes: int, gpus: int, **status) -> dict:
+        namespace, name = key.split("/")
+        return {"metadata": {"name": name, "namespace": namespace, "creationTimestamp": _ago(60)},
                 "spec": {"resources": {"nodes": nodes, "gpusPerNode": gpus}}, "status": {"phase": phase, **status}}
 
-    m.track({("a", "waits"): [snapshot(lft("Queued", 2, 8))],
-             ("a", "trains"): [snapshot(lft("Running", 1, 1, progress={"step": 3, "totalSteps": 6, "loss": 0.5}))],
-             ("b", "not-ours"): [snapshot(lft("Queued", 1, 8), in_scope=False)]})
+    m.track({("a", "waits"): [RunSnapshot.of(lft("a/waits", "Queued", 2, 8))],
+             ("a", "trains"): [RunSnapshot.of(lft("a/trains", "Running", 1, 1,
+                                                  progress={"step": 3, "totalSteps": 6, "loss": 0.5}))],
+             ("b", "not-ours"): [RunSnapshot.of(lft("b/not-ours", "Queued", 1, 8), in_scope=False)]})
     s = _samples(m)
     assert s[("llamaops_queue_length", ())] == 1
     assert s[("llamaops_queue_gpus_requested", ())] == 2 * 8

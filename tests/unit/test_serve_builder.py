@@ -11,9 +11,12 @@ from api_cases import example
 from llamaops.api import LlamaServe
 from llamaops.api.chat_template import LLAMA3_TEMPLATE, LLAMA31_TEMPLATE, served_template
 from llamaops.api.finetune import LlamaFineTune
-from llamaops.api.validation import validate_serve
 from llamaops.builders import serve as b
+from llamaops.builders.serve import validate_serve
+from llamaops.builders.serve.ollama import OLLAMA_READY
+from llamaops.builders.serve.vllm import chat_template, round_lora_rank
 from llamaops.settings import Settings
+from llamaops.state.serve import resolve, rollout_phase
 
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
 PROMPT = "You are a concise assistant for Kubernetes questions."
@@ -106,14 +109,14 @@ def test_seed_example_deployment_in_full() -> None:
 @pytest.mark.parametrize(("r", "rank"), [(1, 1), (2, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32), (33, 64),
                                          (200, 256), (300, 320), (321, 512), (512, 512)])
 def test_max_lora_rank_rounds_up_to_a_value_vllm_accepts(r: int, rank: int) -> None:
-    assert b.round_lora_rank(r) == rank
+    assert round_lora_rank(r) == rank
     args = container(b.deployment(serve(), [run_adapter(r=r)], SETTINGS))["args"]
     assert args[args.index("--max-lora-rank") + 1] == str(rank)
 
 
 def test_rank_above_vllm_limit_is_refused() -> None:
     with pytest.raises(b.ServeError, match="above the largest"):
-        b.round_lora_rank(1024)
+        round_lora_rank(1024)
 
 
 def test_lora_modules_json_for_every_source_and_max_loras() -> None:
@@ -238,17 +241,17 @@ def test_autoscaling_bounds_checked_by_cel() -> None:
 
 
 def test_system_prompt_rules() -> None:
-    assert b.chat_template(serve(), [run_adapter(prompt=None)]) is None
-    assert b.chat_template(serve(), [run_adapter()]) == served_template(BASE, PROMPT)
+    assert chat_template(serve(), [run_adapter(prompt=None)]) is None
+    assert chat_template(serve(), [run_adapter()]) == served_template(BASE, PROMPT)
     # The LlamaServe's own prompt wins; its own template wins over everything.
-    assert b.chat_template(serve(systemPrompt="Be brief."), [run_adapter()]) == served_template(BASE, "Be brief.")
-    assert b.chat_template(serve(vllm={"chat_template": "{{ messages }}"}), [run_adapter()]) == "{{ messages }}"
+    assert chat_template(serve(systemPrompt="Be brief."), [run_adapter()]) == served_template(BASE, "Be brief.")
+    assert chat_template(serve(vllm={"chat_template": "{{ messages }}"}), [run_adapter()]) == "{{ messages }}"
     # Adapters trained with different prompts cannot share one template: refused, naming them.
     with pytest.raises(b.ServeError, match="a, b were trained with different system prompts"):
         b.workload(serve(), [run_adapter("a"), run_adapter("b", prompt="Other.")], SETTINGS)
     b.workload(serve(systemPrompt="Shared."), [run_adapter("a"), run_adapter("b", prompt="Other.")], SETTINGS)
     # Same prompt, or only one adapter with one: fine.
-    assert b.chat_template(serve(), [run_adapter("a"), run_adapter("b", prompt=None)]) == served_template(BASE, PROMPT)
+    assert chat_template(serve(), [run_adapter("a"), run_adapter("b", prompt=None)]) == served_template(BASE, PROMPT)
 
 
 def test_template_family_follows_the_catalog() -> None:
@@ -329,7 +332,7 @@ def dep(replicas: int = 2, generation: int = 3, observed: int = 3, updated: int 
     (dep(replicas=0, updated=0, total=0, available=0), None, "Ready"),
 ])
 def test_rollout_phase(deployment: dict[str, Any], previous: str | None, phase: str) -> None:
-    assert b.rollout_phase(deployment, previous)[0] == phase
+    assert rollout_phase(deployment, previous)[0] == phase
 
 
 # ---------------------------------------------------------------- adapters from runs
@@ -348,8 +351,6 @@ def finetune(name: str, phase: str | None, uri: str | None = None, base: str = B
 
 
 def test_resolve_waits_for_unfinished_runs_and_keeps_serving_a_retraining_one() -> None:
-    from llamaops.handlers.serve import resolve
-
     lsv = serve(adapters=[{"name": "done", "fineTuneRef": "run-a"}, {"name": "todo", "fineTuneRef": "run-b"},
                           {"name": "gone", "fineTuneRef": "run-c"}, {"name": "direct", "uri": "hf://org/x", "r": 8}])
     runs = {"run-a": finetune("run-a", "Succeeded", "pvc://adapters/ml/run-a/adapter"),
@@ -382,7 +383,7 @@ def test_base_model_mismatch_names_the_adapter() -> None:
 
 
 def test_ollama_runtime_modelfiles() -> None:
-    lsv = serve(runtime="ollama", model={"base_model": "llama3.1:8b"},
+    lsv = serve(runtime="ollama", model={"base_model": "llama3.1:8b"}, vllm={}, ollama={"context_length": 8192},
                 adapters=[{"name": "k8s-assistant", "uri": "pvc://adapters/ml/run/adapter"}])
     adapter = b.ResolvedAdapter("k8s-assistant", "pvc://adapters/ml/run/adapter", "uri", system_prompt=PROMPT)
     w = b.workload(lsv, [adapter], SETTINGS)
@@ -393,7 +394,7 @@ def test_ollama_runtime_modelfiles() -> None:
     script = ctr["command"][2]
     assert "ollama create llama31-8b -f /etc/llamaops/modelfiles/model-0" in script
     assert "ollama create k8s-assistant -f /etc/llamaops/modelfiles/model-1" in script
-    assert ctr["startupProbe"]["exec"]["command"] == ["test", "-f", b.OLLAMA_READY]
+    assert ctr["startupProbe"]["exec"]["command"] == ["test", "-f", OLLAMA_READY]
     assert {"name": "OLLAMA_CONTEXT_LENGTH", "value": "8192"} in ctr["env"]
     (cm,) = w.config_maps
     assert cm["data"] == {
@@ -402,3 +403,23 @@ def test_ollama_runtime_modelfiles() -> None:
     }
     assert "prometheus.io/scrape" not in w.deployment["spec"]["template"]["metadata"]["annotations"]
     assert b.endpoint(lsv) == "http://llama31-8b.ml.svc:11434/v1"
+
+
+@pytest.mark.parametrize(("lora", "rank"), [({"r": 32}, 32), ({"r": 32, "init_lora_weights": "pissa"}, 64),
+                                            ({"r": 16, "init_lora_weights": "olora"}, 32),
+                                            ({"r": 16, "rank_pattern": {"q_proj": 48}}, 48)])
+def test_a_run_is_served_at_the_rank_it_will_export(lora: dict[str, Any], rank: int) -> None:
+    """Before a run finished, vLLM's --max-lora-rank is checked against what the trainer will export: PiSSA and
+    OLoRA adapters are converted to plain LoRA at twice r, and rank_pattern may exceed r."""
+    run = finetune("llama31-8b-lora", "Running")
+    run.spec.lora = run.spec.lora.model_validate({**run.spec.lora.model_dump(), **lora})
+    assert run.spec.lora.exported_rank == rank
+    doc = example("llama-3.1-8b-serve.yaml")
+    doc["spec"]["vllm"]["max_lora_rank"] = 32
+    errors = validate_serve(doc, finetunes={"llama31-8b-lora": run}).errors
+    if rank > 32:
+        assert [str(p) for p in errors] == [f'spec.vllm.max_lora_rank: 32 is below the rank {rank} of adapter '
+                                            f'"k8s-assistant"; use one of '
+                                            f'{", ".join(str(x) for x in (64, 128, 256, 320, 512) if x >= rank)}']
+    else:
+        assert errors == []

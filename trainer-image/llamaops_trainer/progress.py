@@ -18,14 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llamaops.api.constants import FINETUNES, GROUP, TRAINER_FIELD_MANAGER, VERSION
 from llamaops.api.contract import serviceaccount_dir
-from llamaops.api.meta import GROUP, VERSION
 from transformers import TrainerCallback
 
 log = logging.getLogger(__name__)
-
-PLURAL = "llamafinetunes"
-FIELD_MANAGER = "llamaops-trainer"
 
 
 def _now() -> str:
@@ -105,8 +102,8 @@ class StatusReporter:
             try:
                 api = client.CustomObjectsApi(_api_client())
                 api.patch_namespaced_custom_object_status(
-                    GROUP, VERSION, self.namespace, PLURAL, self.name, {"status": {"adapter": adapter}},
-                    field_manager=FIELD_MANAGER, _content_type="application/merge-patch+json",
+                    GROUP, VERSION, self.namespace, FINETUNES, self.name, {"status": {"adapter": adapter}},
+                    field_manager=TRAINER_FIELD_MANAGER, _content_type="application/merge-patch+json",
                     _request_timeout=self.timeout_s)
                 return True
             except Exception as exc:  # noqa: BLE001 - the adapter is saved; status is a courtesy
@@ -122,8 +119,8 @@ class StatusReporter:
             if self._api is None:
                 self._api = client.CustomObjectsApi(_api_client())
             self._api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, self.namespace, PLURAL, self.name, {"status": {"progress": progress}},
-                field_manager=FIELD_MANAGER, _content_type="application/merge-patch+json",
+                GROUP, VERSION, self.namespace, FINETUNES, self.name, {"status": {"progress": progress}},
+                field_manager=TRAINER_FIELD_MANAGER, _content_type="application/merge-patch+json",
                 _request_timeout=self.timeout_s)
             self.sent += 1
         except Exception as exc:  # noqa: BLE001 - reporting must never stop training

@@ -28,7 +28,7 @@ ENV_NAME = "LLAMAOPS_NAME"  # the LlamaFineTune whose status rank 0 patches
 ENV_NAMESPACE = "LLAMAOPS_NAMESPACE"
 ENV_PVC_ROOT = "LLAMAOPS_PVC_ROOT"  # overrides PVC_ROOT (local runs, the dev node)
 ENV_OUTPUT_DIR = "LLAMAOPS_OUTPUT_DIR"  # overrides the output directory (local runs)
-# Set by the dev node (llamaops.devnode), whose pods are local processes without the pod's filesystem.
+# Set by the dev node (llamaops_dev.devnode), whose pods are local processes without the pod's filesystem.
 ENV_SERVICEACCOUNT_DIR = "LLAMAOPS_SERVICEACCOUNT_DIR"  # overrides SERVICEACCOUNT_DIR
 ENV_TERMINATION_LOG = "LLAMAOPS_TERMINATION_LOG"  # overrides TERMINATION_LOG
 # Seconds between rank 0's status patches (default 5): tests of short runs lower it.

@@ -66,6 +66,16 @@ class LoraSpec(SeedModel):
         "default", description='LoRA initialisation ("default" is peft\'s init_lora_weights=True).')
     fan_in_fan_out: bool = Field(False, description="Set for Conv1D-style layers; never for Llama.")
 
+    @property
+    def exported_rank(self) -> int:
+        """The largest rank of the adapter the trainer exports (what vLLM's --max-lora-rank must cover).
+
+        PiSSA and OLoRA rewrite the base weights; their adapter is converted at export to plain LoRA on the
+        original base, at twice the rank (peft's path_initial_model_for_weight_conversion).
+        """
+        rank = max([self.r, *(self.rank_pattern or {}).values()])
+        return 2 * rank if self.init_lora_weights in ("pissa", "olora") else rank
+
 
 class QuantizationSpec(SeedModel):
     """transformers.BitsAndBytesConfig (the seed's `quantization:` section): QLoRA when 4-bit."""

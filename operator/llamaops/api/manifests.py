@@ -9,7 +9,6 @@ resolves such floats as kubectl would, so a recipe means the same to
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +33,3 @@ def load_all(text: str) -> list[dict[str, Any]]:
 
 def load_file(path: str | Path) -> list[dict[str, Any]]:
     return load_all(Path(path).read_text())
-
-
-def sync_generated(files: dict[Path, str], *, check: bool, root: Path, what: str, command: str) -> int:
-    """Write generated files that differ (or, with `check`, list them and return 1): one drift rule for all."""
-    stale: list[str] = []
-    for path, text in files.items():
-        if path.exists() and path.read_text() == text:
-            continue
-        if check:
-            stale.append(str(path.relative_to(root)))
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path.relative_to(root)}")
-    if stale:
-        print(f"stale {what} (run `{command}`): " + ", ".join(stale), file=sys.stderr)
-        return 1
-    return 0

@@ -19,12 +19,9 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-GROUP = "llamaops.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-# The kinds' plural resource names (the CRDs' spec.names.plural), as the API's URLs spell them.
-FINETUNES = "llamafinetunes"
-SERVES = "llamaserves"
+from llamaops.api.constants import API_VERSION, FINETUNES, GROUP, SERVES, VERSION
+
+__all__ = ["API_VERSION", "FINETUNES", "GROUP", "SERVES", "VERSION"]  # re-exported: the models' coordinates
 
 # Kubernetes resource.Quantity, as the apimachinery regexp spells it.
 QUANTITY_PATTERN = (

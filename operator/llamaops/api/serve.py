@@ -58,6 +58,18 @@ class VllmSpec(SeedModel):
     extra_args: list[str] | None = Field(None, max_length=64, description="Further `vllm serve` arguments.")
 
 
+class OllamaSpec(SeedModel):
+    """Ollama's settings (runtime: ollama); unset keys keep Ollama's defaults."""
+
+    served_model_name: str | None = Field(
+        None, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        description="Name of the base model in Ollama (each adapter is a model named after it); unset is the "
+                    "LlamaServe's name.")
+    context_length: int | None = Field(None, ge=128, le=1048576,
+                                       description="Context window (OLLAMA_CONTEXT_LENGTH); unset is Ollama's.")
+    gpus: int = Field(1, ge=0, le=16, description="GPUs per replica (0 serves on the CPU).")
+
+
 class ServeAdapter(KubeModel):
     """One LoRA adapter to serve: from a LlamaFineTune of this namespace, or by location."""
 
@@ -156,17 +168,20 @@ class LlamaServeSpec(KubeModel):
         default_factory=list, max_length=64,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
     vllm: VllmSpec = section(VllmSpec)
+    ollama: OllamaSpec | None = Field(None, description="Ollama's settings, for runtime: ollama.")
     system_prompt: str | None = Field(
         None, max_length=65536,
         description="System prompt applied by default; unset takes the one the adapters were trained with.")
     replicas: int = Field(1, ge=0, le=1000)
     resources: ServeResources = section(ServeResources)
-    image: str | None = Field(None, max_length=1024, description="vLLM OpenAI server image override.")
+    image: str | None = Field(None, max_length=1024, description="Server image override (the runtime's by default).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     image_pull_secrets: list[SecretRef] | None = Field(None, max_length=16)
     hf_token_secret_ref: SecretKeyRef | None = None
     api_key_secret_ref: SecretKeyRef | None = Field(None, description="Secret key with the API key clients must send.")
-    runtime: Literal["vllm", "ollama"] = Field("vllm", description="Serving runtime: vLLM, or Ollama (Modelfile).")
+    # Checked against the registered runtimes (llamaops.builders.serve.runtime); the CRD's enum lists them.
+    runtime: str = Field("vllm", pattern=DNS_LABEL_PATTERN, max_length=63,
+                         description="Serving runtime: vllm (the seed's `vllm serve`), or ollama (Modelfiles).")
     startup_timeout_seconds: int = Field(
         1800, ge=60, le=86400,
         description="How long a replica may take to download and load the weights before it is restarted "

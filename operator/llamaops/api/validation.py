@@ -9,7 +9,7 @@ operator's admission and the trainer all call these.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -19,9 +19,9 @@ from pydantic import BaseModel, ValidationError
 
 from llamaops.api import catalog
 from llamaops.api.finetune import LLAMA_PROJECTIONS, LlamaFineTune
-from llamaops.api.memory import TrainingPlan, plan_serving, plan_training
+from llamaops.api.memory import TrainingPlan, plan_training
 from llamaops.api.schema import openapi_schema
-from llamaops.api.serve import VLLM_LORA_RANKS, LlamaServe
+from llamaops.api.serve import LlamaServe
 
 Severity = Literal["error", "warning"]
 _LLAMA_MODULES = {*LLAMA_PROJECTIONS, "all-linear", "lm_head", "embed_tokens"}
@@ -221,50 +221,42 @@ def validate_finetune(manifest: Mapping[str, Any]) -> Result:
     return Result("LlamaFineTune", name, lft, problems, plan)
 
 
-def validate_serve(manifest: Mapping[str, Any], finetunes: Mapping[str, LlamaFineTune] | None = None, *,
-                   warn_missing: bool = True) -> Result:
-    """`finetunes`, when given, are the LlamaFineTunes of the namespace by name.
+@dataclass
+class RuntimeReport:
+    """What a serving runtime's own checks found, and its plan of GPU memory (None when it makes none)."""
 
-    A fineTuneRef not among them is a warning, unless `warn_missing` is False (the
-    operator reports such an adapter as awaited instead).
+    problems: list[Problem]
+    plan: Any = None
+
+
+# A serving runtime's own checks (llamaops.builders.serve: the registered runtime of spec.runtime), given the
+# catalog entry of the base model (None when it has none) and each adapter's LoRA rank where known.
+RuntimeChecks = Callable[[LlamaServe, "catalog.CatalogModel | None", Mapping[str, "int | None"]], RuntimeReport]
+
+
+def validate_serve(manifest: Mapping[str, Any], finetunes: Mapping[str, LlamaFineTune] | None = None, *,
+                   warn_missing: bool = True, runtime_checks: RuntimeChecks) -> Result:
+    """What every runtime shares (schema, CEL, the adapters' base models, replicas and budgets), then the
+    runtime's own checks. Call it through llamaops.builders.serve.validate_serve, which knows the runtimes.
+
+    `finetunes`, when given, are the LlamaFineTunes of the namespace by name. A fineTuneRef not among them is
+    a warning, unless `warn_missing` is False (the operator reports such an adapter as awaited instead).
     """
     name = (manifest.get("metadata") or {}).get("name", "")
     try:
         lsv = LlamaServe.model_validate(dict(manifest))
     except ValidationError as exc:
         return Result("LlamaServe", name, None, parse_problems(exc, LlamaServe))
-    spec, v = lsv.spec, lsv.spec.vllm
+    spec = lsv.spec
     problems = cel_problems(lsv)
-    plan = None
     model = catalog.lookup(spec.model.base_model)
     if model is None:
         problems.append(Problem("spec.model.base_model", f'"{spec.model.base_model}" is not in the Llama catalog: '
-                                "context length, tensor parallelism and GPU memory are not checked", "warning"))
-    else:
-        if v.max_model_len and v.max_model_len > model.context:
-            problems.append(Problem("spec.vllm.max_model_len",
-                                    f"{v.max_model_len} exceeds the {model.context}-token context of {model.name}"))
-        heads = model.arch.heads
-        if heads % v.tensor_parallel_size:
-            divisors = [str(d) for d in range(1, heads + 1) if heads % d == 0 and d <= 64]
-            problems.append(Problem("spec.vllm.tensor_parallel_size",
-                                    f"{v.tensor_parallel_size} does not divide the {heads} attention heads of "
-                                    f"{model.name}; use one of {', '.join(divisors)}"))
-        else:
-            plan = plan_serving(spec, model.arch, model.context)
-            if not plan.fits:
-                hint = (f"use tensor_parallel_size >= {plan.min_tensor_parallel_size}"
-                        if plan.min_tensor_parallel_size else "lower max_model_len or quantize")
-                problems.append(Problem("spec.vllm.tensor_parallel_size",
-                                        f"{model.name} needs {plan.per_gpu_gb:.0f} GB per GPU with "
-                                        f"tensor_parallel_size {v.tensor_parallel_size}, above the "
-                                        f"{_gb(plan.budget_gb)} vLLM may use: {hint}"))
-    if v.max_loras is not None and spec.adapters and v.max_loras < len(spec.adapters):
-        problems.append(Problem("spec.vllm.max_loras",
-                                f"{v.max_loras} is below the {len(spec.adapters)} adapters listed"))
+                                "context length and GPU memory are not checked", "warning"))
+    ranks: dict[str, int | None] = {}
     for i, adapter in enumerate(spec.adapters):
         path = f"spec.adapters[{i}]"
-        r = adapter.r
+        ranks[adapter.name] = adapter.r
         if adapter.fine_tune_ref and finetunes is not None:
             ref = finetunes.get(adapter.fine_tune_ref)
             if ref is None:
@@ -272,9 +264,9 @@ def validate_serve(manifest: Mapping[str, Any], finetunes: Mapping[str, LlamaFin
                     problems.append(Problem(f"{path}.fineTuneRef",
                                             f'LlamaFineTune "{adapter.fine_tune_ref}" does not exist', "warning"))
             else:
-                # What the run reports once it finished (the trainer's real rank), else what it will train.
+                # What the run reports once it finished (the trainer's real rank), else what it will export.
                 done = ref.status.adapter if ref.status is not None and ref.status.adapter is not None else None
-                r = done.r if done is not None else ref.spec.lora.r
+                ranks[adapter.name] = done.r if done is not None else ref.spec.lora.exported_rank
                 base = done.base_model if done is not None else ref.spec.model.base_model
                 if base != spec.model.base_model:
                     problems.append(Problem(f"{path}.fineTuneRef",
@@ -284,13 +276,6 @@ def validate_serve(manifest: Mapping[str, Any], finetunes: Mapping[str, LlamaFin
             problems.append(Problem(f"{path}.baseModel",
                                     f'adapter "{adapter.name}" was trained on "{adapter.base_model}", not on the '
                                     f'served "{spec.model.base_model}"'))
-        if spec.runtime == "ollama" and adapter.uri and adapter.uri.startswith("hf://"):
-            problems.append(Problem(f"{path}.uri", "Ollama reads adapters from local files: use a pvc:// or s3:// "
-                                                   "adapter (or runtime: vllm)"))
-        if r is not None and v.max_lora_rank is not None and r > v.max_lora_rank:
-            problems.append(Problem("spec.vllm.max_lora_rank",
-                                    f'{v.max_lora_rank} is below the rank {r} of adapter "{adapter.name}"; '
-                                    f"use one of {', '.join(str(x) for x in VLLM_LORA_RANKS if x >= r)}"))
     if spec.autoscaling is not None and spec.replicas != 1:
         problems.append(Problem("spec.replicas", "autoscaling is set: the HorizontalPodAutoscaler owns the replica "
                                 "count and spec.replicas is ignored", "warning"))
@@ -299,17 +284,16 @@ def validate_serve(manifest: Mapping[str, Any], finetunes: Mapping[str, LlamaFin
         problems.append(Problem("spec.podDisruptionBudget.minAvailable",
                                 f"{spec.pod_disruption_budget.min_available} of {spec.replicas} replicas leaves no "
                                 "room for a voluntary disruption: node drains will block", "warning"))
-    if v.chat_template and spec.system_prompt:
-        problems.append(Problem("spec.systemPrompt", "vllm.chat_template is set and takes precedence", "warning"))
-    return Result("LlamaServe", name, lsv, problems, plan)
+    report = runtime_checks(lsv, model, ranks)
+    return Result("LlamaServe", name, lsv, problems + report.problems, report.plan)
 
 
-def validate_manifest(manifest: Mapping[str, Any]) -> Result:
+def validate_manifest(manifest: Mapping[str, Any], *, runtime_checks: RuntimeChecks) -> Result:
     kind = manifest.get("kind")
     if kind == "LlamaFineTune":
         return validate_finetune(manifest)
     if kind == "LlamaServe":
-        return validate_serve(manifest)
+        return validate_serve(manifest, runtime_checks=runtime_checks)
     name = (manifest.get("metadata") or {}).get("name", "")
     return Result(str(kind), name, None,
                   [Problem("kind", f"unsupported kind {kind!r}: expected LlamaFineTune or LlamaServe")])

@@ -14,6 +14,14 @@ from typing import Any
 import yaml
 
 from llamaops.api import LlamaFineTune
+from llamaops.api.constants import (
+    COMPONENT_TRAINER,
+    DEV_NODE_LABEL,
+    FINETUNES,
+    GROUP,
+    HOSTNAME_LABEL,
+    KIND_FINETUNE,
+)
 from llamaops.api.contract import (
     ENV_NAME,
     ENV_NAMESPACE,
@@ -37,30 +45,22 @@ from llamaops.builders.naming import (
     labels,
     metadata,
 )
-from llamaops.builders.scheduling import GPU, cpu_memory, node_selector, tolerations
-from llamaops.lifecycle import run_hash
+from llamaops.builders.scheduling import GPU, cpu_memory, node_selector, pod_options, secret_env, tolerations
+from llamaops.queue.policy import Placement
 from llamaops.settings import Settings
+from llamaops.state.finetune import run_hash
 
-KIND = "LlamaFineTune"
-CONTAINER = "trainer"
+KIND = KIND_FINETUNE
+CONTAINER = COMPONENT_TRAINER
 MASTER_PORT = 29500
 TRAINER_UID = 1000
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# Demo mode (Settings.dev_node): the dev node's taint and label (llamaops.devnode registers them).
-DEV_NODE_KEY = "llamaops.io/dev-node"
+# Demo mode (Settings.dev_node): the dev node's taint (llamaops_dev.devnode registers it).
+DEV_NODE_KEY = DEV_NODE_LABEL
 DEV_NODE_TOLERATION = {"key": DEV_NODE_KEY, "operator": "Exists", "effect": "NoSchedule"}
 # Time for the trainer to write a checkpoint after SIGTERM (Kubernetes' default is 30 s).
 TERMINATION_GRACE_SECONDS = 120
 # The fixed part of the trainer's environment (`llamaops run --local` sets it too).
 TRAINER_ENV = {"PYTHONUNBUFFERED": "1", "NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-
-
-@dataclass(frozen=True)
-class Placement:
-    """What admission decided: the nodes the gang runs on, or the Kueue queue it waits in."""
-
-    nodes: tuple[str, ...] = ()
-    kueue_queue: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,10 +128,6 @@ def _claims(lft: LlamaFineTune) -> dict[str, bool]:
     return claims
 
 
-def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-
-
 def _env(lft: LlamaFineTune) -> list[dict[str, Any]]:
     spec = lft.spec
     env: list[dict[str, Any]] = [
@@ -142,12 +138,12 @@ def _env(lft: LlamaFineTune) -> list[dict[str, Any]]:
         *({"name": k, "value": v} for k, v in TRAINER_ENV.items()),
     ]
     if spec.hf_token_secret_ref is not None:
-        env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref.name, spec.hf_token_secret_ref.key))
+        env.append(secret_env("HF_TOKEN", spec.hf_token_secret_ref.name, spec.hf_token_secret_ref.key))
     s3 = spec.dataset.s3 or spec.output.s3
     for loc in (spec.dataset.s3, spec.output.s3):
         if loc is not None and loc.credentials_secret is not None:
-            env += [_secret_env("AWS_ACCESS_KEY_ID", loc.credentials_secret.name, "AWS_ACCESS_KEY_ID"),
-                    _secret_env("AWS_SECRET_ACCESS_KEY", loc.credentials_secret.name, "AWS_SECRET_ACCESS_KEY")]
+            env += [secret_env("AWS_ACCESS_KEY_ID", loc.credentials_secret.name, "AWS_ACCESS_KEY_ID"),
+                    secret_env("AWS_SECRET_ACCESS_KEY", loc.credentials_secret.name, "AWS_SECRET_ACCESS_KEY")]
             break
     if s3 is not None and s3.region:
         env.append({"name": "AWS_DEFAULT_REGION", "value": s3.region})
@@ -190,12 +186,12 @@ def _affinity(lft: LlamaFineTune, placement: Placement) -> dict[str, Any] | None
     if placement.nodes:
         # Exactly the nodes the queue counted the GPUs on.
         affinity["nodeAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In",
+            {"matchExpressions": [{"key": HOSTNAME_LABEL, "operator": "In",
                                    "values": sorted(placement.nodes)}]}]}}
     if lft.spec.resources.nodes > 1:
         affinity["podAntiAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [{
             "labelSelector": {"matchLabels": {LABEL_FINETUNE: label_value(lft.metadata.name or "")}},
-            "topologyKey": "kubernetes.io/hostname"}]}
+            "topologyKey": HOSTNAME_LABEL}]}
     return affinity or None
 
 
@@ -224,7 +220,7 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
     # nothing GPU-shaped would schedule there.
     demo = settings.dev_node
     gpus = 0 if demo else res.gpus_per_node
-    selector = {"kubernetes.io/hostname": demo} if demo else node_selector(res)
+    selector = {HOSTNAME_LABEL: demo} if demo else node_selector(res)
     tols = tolerations(res, gpus=gpus > 0) + ([DEV_NODE_TOLERATION] if demo else [])
 
     container: dict[str, Any] = {
@@ -258,10 +254,7 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
     affinity = None if demo else _affinity(lft, placement)
     if affinity:
         pod["affinity"] = affinity
-    if res.priority_class_name:
-        pod["priorityClassName"] = res.priority_class_name
-    if spec.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    pod.update(pod_options(res, spec.image_pull_secrets))
     return pod
 
 
@@ -269,7 +262,7 @@ def job(lft: LlamaFineTune, settings: Settings, placement: Placement) -> dict[st
     names = Names.of(lft.metadata.name or "")
     nodes = lft.spec.resources.nodes
     hashes = {ANNOTATION_SPEC_HASH: spec_hash(lft.spec), ANNOTATION_RUN_HASH: run_hash(lft.spec)}
-    meta = _meta(lft, names.job, "trainer", annotations=hashes)
+    meta = _meta(lft, names.job, COMPONENT_TRAINER, annotations=hashes)
     template_labels = dict(meta["labels"])
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
@@ -290,9 +283,10 @@ def job(lft: LlamaFineTune, settings: Settings, placement: Placement) -> dict[st
     }
     if lft.spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = lft.spec.active_deadline_seconds
-    if placement.kueue_queue:
-        meta["labels"][KUEUE_QUEUE_LABEL] = placement.kueue_queue
-        job_spec["suspend"] = True  # Kueue unsuspends it on admission
+    # An external queue's labels, on a Job created suspended: its controller starts it (Kueue unsuspends it).
+    meta["labels"].update(placement.labels)
+    if placement.suspend:
+        job_spec["suspend"] = True
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
@@ -303,17 +297,17 @@ def workload(lft: LlamaFineTune, settings: Settings, placement: Placement) -> Wo
     config_map = {"apiVersion": "v1", "kind": "ConfigMap",
                   "metadata": _meta(lft, names.spec, "spec"),
                   "data": {SPEC_PATH.rsplit("/", 1)[1]: spec_document(lft)}}
-    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(lft, names.account, "trainer")}
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(lft, names.account, COMPONENT_TRAINER)}
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": _meta(lft, names.account, "trainer"),
+            "metadata": _meta(lft, names.account, COMPONENT_TRAINER),
             "rules": [
-                {"apiGroups": ["llamaops.io"], "resources": ["llamafinetunes"], "resourceNames": [name],
+                {"apiGroups": [GROUP], "resources": [FINETUNES], "resourceNames": [name],
                  "verbs": ["get"]},
-                {"apiGroups": ["llamaops.io"], "resources": ["llamafinetunes/status"], "resourceNames": [name],
+                {"apiGroups": [GROUP], "resources": [f"{FINETUNES}/status"], "resourceNames": [name],
                  "verbs": ["get", "patch"]},
             ]}
     binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": _meta(lft, names.account, "trainer"),
+               "metadata": _meta(lft, names.account, COMPONENT_TRAINER),
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.account},
                "subjects": [{"kind": "ServiceAccount", "name": names.account, "namespace": ns}]}
     service = {"apiVersion": "v1", "kind": "Service", "metadata": _meta(lft, names.job, "rendezvous"),

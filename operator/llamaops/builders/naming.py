@@ -12,15 +12,21 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from llamaops.api.meta import API_VERSION
+from llamaops.api.constants import (
+    ANNOTATION_OWNER,
+    ANNOTATION_RUN_HASH,
+    ANNOTATION_SPEC_HASH,
+    API_VERSION,
+    LABEL_COMPONENT,
+    LABEL_FINETUNE,
+    LABEL_MANAGED_BY,
+    LABEL_SERVE,
+    MANAGED_BY,
+)
 
-MANAGED_BY = "llamaops"
-LABEL_FINETUNE = "llamaops.io/finetune"
-LABEL_SERVE = "llamaops.io/serve"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-ANNOTATION_SPEC_HASH = "llamaops.io/spec-hash"
-ANNOTATION_RUN_HASH = "llamaops.io/run-hash"
-ANNOTATION_OWNER = "llamaops.io/owner"
+__all__ = ["ANNOTATION_OWNER", "ANNOTATION_RUN_HASH", "ANNOTATION_SPEC_HASH", "LABEL_COMPONENT", "LABEL_FINETUNE",
+           "LABEL_SERVE", "MANAGED_BY", "child_name", "controller_of", "label_value", "labels", "metadata",
+           "owner_reference"]
 MAX_LABEL = 63
 # Indexed Job pods are named and hostnamed <job>-<index>: leave room for the index.
 MAX_JOB_NAME = 56
@@ -48,7 +54,7 @@ def label_value(value: str) -> str:
 def labels(kind_label: str, owner: str, component: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "llamaops",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_COMPONENT: component,
         kind_label: label_value(owner),
     }

@@ -7,7 +7,9 @@
     plot       loss and learning-rate curves from metrics.jsonl    (plot.py)
     logs       the training pods' logs, rank-prefixed              (logs.py)
     operator   the operator itself
-    dev-cluster  a local control plane with simulated GPU nodes   (llamaops.devcluster.cli)
+
+Other distributions add commands through the `llamaops.commands` entry point group: the dev tooling
+(operator/dev) adds `dev-cluster`, a local control plane with simulated GPU nodes.
 
 Heavy imports (kubernetes_asyncio, matplotlib, torch) happen inside the
 commands, so `llamaops validate` stays quick.
@@ -15,12 +17,14 @@ commands, so `llamaops validate` stays quick.
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from typing import Annotated
 
 import typer
 
 from llamaops.cli import local, logs, plot, queue, validate, watch
-from llamaops.devcluster.cli import app as dev_cluster_app
+
+COMMANDS_GROUP = "llamaops.commands"
 
 app = typer.Typer(no_args_is_help=True, help="LlamaOps: Llama LoRA/QLoRA fine-tuning and vLLM serving on Kubernetes.")
 app.command()(validate.validate)
@@ -29,7 +33,9 @@ app.command()(queue.queue)
 app.command()(local.run)
 app.command()(plot.plot)
 app.command()(logs.logs)
-app.add_typer(dev_cluster_app, name="dev-cluster")
+for _plugin in entry_points(group=COMMANDS_GROUP):
+    # Each entry point is a typer app; its name is the command (dev-cluster: llamaops_dev).
+    app.add_typer(_plugin.load(), name=_plugin.name)
 
 
 @app.command()

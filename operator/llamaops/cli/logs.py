@@ -17,8 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from llamaops.api.meta import FINETUNES, GROUP, VERSION
-from llamaops.cli import kubeclient
-from llamaops.cli.kubeclient import ContextOpt, KubeconfigOpt, NamespaceOpt
+from llamaops.cli.common import ContextOpt, KubeconfigOpt, NamespaceOpt, run
 
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\S+) (.*)$")
@@ -76,7 +75,9 @@ def merge_by_time(logs: list[tuple[int | None, str]], keep_timestamps: bool = Fa
 
 def _api_message(exc: Exception) -> str:
     """The API server's message, else the answer's status."""
-    return (kubeclient.api_message(exc) or f"{getattr(exc, 'status', '')} {getattr(exc, 'reason', '')}".strip()
+    from llamaops import kube
+
+    return (kube.api_message(exc) or f"{getattr(exc, 'status', '')} {getattr(exc, 'reason', '')}".strip()
             or str(exc))
 
 
@@ -85,10 +86,11 @@ async def _logs(name: str, namespace: str, follow: bool, tail: int | None, times
     from kubernetes_asyncio import client
     from kubernetes_asyncio.client.exceptions import ApiException
 
+    from llamaops import kube
     from llamaops.builders.finetune import CONTAINER
     from llamaops.builders.naming import LABEL_COMPONENT, LABEL_FINETUNE, label_value
 
-    async with kubeclient.connect(kubeconfig, context) as api:
+    async with kube.connect(kubeconfig, context) as api:
         custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
         try:
             obj = await custom.get_namespaced_custom_object(GROUP, VERSION, namespace, FINETUNES, name)
@@ -99,7 +101,7 @@ async def _logs(name: str, namespace: str, follow: bool, tail: int | None, times
             raise
         selector = f"{LABEL_FINETUNE}={label_value(name)},{LABEL_COMPONENT}=trainer"
         listed = await core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
-        pods = training_pods((await kubeclient.raw_json(listed))["items"])
+        pods = training_pods((await kube.raw_json(listed))["items"])
         if not pods:
             phase = (obj.get("status") or {}).get("phase") or "Pending"
             typer.echo(f"llamaops logs: {name} has no training pods (phase {phase}): not admitted yet, or its "
@@ -114,7 +116,7 @@ async def _logs(name: str, namespace: str, follow: bool, tail: int | None, times
                 try:
                     resp = await core.read_namespaced_pod_log(pod.name, namespace, follow=True, timestamps=timestamps,
                                                               _preload_content=False, **kw)
-                    await kubeclient.raise_for_status(resp)
+                    await kube.raise_for_status(resp)
                     async for raw in resp.content:
                         typer.echo(prefix(pod.rank, raw.decode(errors="replace").rstrip("\n")))
                     return True
@@ -154,5 +156,7 @@ def logs(
 
     Exit 0: logs shown; 1: no pod had logs to show (not started yet, or gone); 2: no such run, or no cluster.
     """
-    ns = namespace or kubeclient.current_namespace(kubeconfig, context)
-    raise typer.Exit(kubeclient.run(_logs(name, ns, follow, tail, timestamps, kubeconfig, context), "logs"))
+    from llamaops import kube
+
+    ns = namespace or kube.current_namespace(kubeconfig, context)
+    raise typer.Exit(run(_logs(name, ns, follow, tail, timestamps, kubeconfig, context), "logs"))

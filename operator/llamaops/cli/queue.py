@@ -19,10 +19,9 @@ import typer
 
 from llamaops import status as st
 from llamaops.api.meta import FINETUNES, GROUP, VERSION
-from llamaops.cli import kubeclient
-from llamaops.cli.kubeclient import ContextOpt, KubeconfigOpt, NamespaceOpt
+from llamaops.cli.common import ContextOpt, KubeconfigOpt, NamespaceOpt, run
 from llamaops.cli.watch import waiting_reason
-from llamaops.lifecycle import ACTIVE, snapshot
+from llamaops.state.finetune import ACTIVE, RunSnapshot
 
 WAITING_PHASES = ("Pending", "Queued", "Suspended")
 NO_PRODUCT = "(no gpu.product label)"
@@ -46,10 +45,7 @@ class QueueRow:
     waiting_since: str | None  # RFC 3339
     waiting_seconds: float | None
     why: str
-
-    @property
-    def gpus(self) -> int:
-        return self.nodes * self.gpus_per_node
+    gpus: int
 
 
 @dataclass
@@ -67,33 +63,30 @@ class ProductUse:
 def queue_rows(finetunes: list[dict[str, Any]], now: dt.datetime | None = None) -> list[QueueRow]:
     """The runs that wait, in the order the queue serves them: by the position the operator reported, then
     (runs it has given none yet) in its own order (llamaops.queue's QueuedRun.sort_key)."""
-    from llamaops.queue import QueuedRun
-
     now = now or dt.datetime.now(dt.UTC)
     rows: list[tuple[tuple[Any, ...], QueueRow]] = []
     for obj in finetunes:
-        meta, status, run = obj.get("metadata") or {}, obj.get("status") or {}, snapshot(obj)
-        phase = run["phase"] or "Pending"
-        if phase not in WAITING_PHASES and not (phase == "Admitted" and run["suspend"]):
+        status, run = obj.get("status") or {}, RunSnapshot.of(obj)
+        phase = run.phase or "Pending"
+        if phase not in WAITING_PHASES and not (phase == "Admitted" and run.suspend):
             continue
-        queued = st.condition(run["conditions"], st.QUEUED)
-        since = run["created"]
+        queued = st.condition(list(run.conditions), st.QUEUED)
+        since = run.created
         why = waiting_reason(queued)
         if why:
             since = queued.get("lastTransitionTime") or since
-        if phase == "Suspended" or run["suspend"]:
+        if phase == "Suspended" or run.suspend:
             why = "suspended (spec.suspend: true)"
         elif phase == "Pending" and not why:
             why = "not yet seen by the operator"
         started = st.parse_time(since)
+        res = run.resources
         row = QueueRow(
-            position=status.get("queuePosition"), priority=run["priority"], namespace=meta.get("namespace", ""),
-            name=meta.get("name", ""), phase=phase, nodes=run["nodes"], gpus_per_node=run["gpus_per_node"],
-            gpu_product=run["gpu_product"], waiting_since=since,
-            waiting_seconds=(now - started).total_seconds() if started else None, why=why)
-        created = st.parse_time(run["created"])
-        order = QueuedRun(f"{row.namespace}/{row.name}", row.priority, created.timestamp() if created else 0.0)
-        rows.append(((row.position is None, row.position or 0, *order.sort_key()), row))
+            position=status.get("queuePosition"), priority=run.queue.priority, namespace=run.namespace,
+            name=run.name, phase=phase, nodes=res.nodes, gpus_per_node=res.gpus_per_node,
+            gpu_product=res.gpu_product, waiting_since=since,
+            waiting_seconds=(now - started).total_seconds() if started else None, why=why, gpus=run.gpus)
+        rows.append(((row.position is None, row.position or 0, *run.queued().sort_key()), row))
     return [row for _, row in sorted(rows, key=lambda pair: pair[0])]
 
 
@@ -117,10 +110,10 @@ def active_runs(finetunes: list[dict[str, Any]]) -> tuple[int, int]:
     """(runs admitted or running, the GPUs they hold)."""
     runs = gpus = 0
     for obj in finetunes:
-        run = snapshot(obj)
-        if run["phase"] in ACTIVE and not run["suspend"]:
+        run = RunSnapshot.of(obj)
+        if run.phase in ACTIVE and not run.suspend:
             runs += 1
-            gpus += run["nodes"] * run["gpus_per_node"]
+            gpus += run.gpus
     return runs, gpus
 
 
@@ -186,7 +179,9 @@ def render(rows: list[QueueRow], use: list[ProductUse], active: tuple[int, int],
 async def _fetch(namespace: str | None, kubeconfig: str | None, context: str | None) -> tuple[list, list, list]:
     from kubernetes_asyncio import client
 
-    async with kubeclient.connect(kubeconfig, context) as api:
+    from llamaops import kube
+
+    async with kube.connect(kubeconfig, context) as api:
         custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
         if namespace is None:
             fts = await custom.list_cluster_custom_object(GROUP, VERSION, FINETUNES)
@@ -195,8 +190,8 @@ async def _fetch(namespace: str | None, kubeconfig: str | None, context: str | N
         nodes = await core.list_node(_preload_content=False)
         pods = await core.list_pod_for_all_namespaces(
             field_selector="status.phase!=Succeeded,status.phase!=Failed", _preload_content=False)
-        return (fts.get("items", []), (await kubeclient.raw_json(nodes))["items"],
-                (await kubeclient.raw_json(pods))["items"])
+        return (fts.get("items", []), (await kube.raw_json(nodes))["items"],
+                (await kube.raw_json(pods))["items"])
 
 
 def queue(
@@ -210,11 +205,11 @@ def queue(
     The waiting runs in queue order (position, priority, run, GPUs, waiting since, why it waits). -n limits the
     runs to one namespace; capacity is always the whole cluster's.
     """
-    finetunes, nodes, pods = kubeclient.run(_fetch(namespace, kubeconfig, context), "queue")
+    finetunes, nodes, pods = run(_fetch(namespace, kubeconfig, context), "queue")
     rows, use, active = queue_rows(finetunes), gpu_use(nodes, pods), active_runs(finetunes)
     if output is Output.json:
         typer.echo(json.dumps({
-            "queue": [{**asdict(r), "gpus": r.gpus} for r in rows],
+            "queue": [asdict(r) for r in rows],
             "running": {"runs": active[0], "gpus": active[1]},
             "capacity": [{**asdict(u), "free": u.free} for u in use],
         }, indent=2))

@@ -46,7 +46,8 @@ def expand(paths: list[Path]) -> list[Path]:
 
 def check_file(path: Path) -> FileReport:
     from llamaops.api.manifests import load_all
-    from llamaops.api.validation import Problem, Result, validate_manifest
+    from llamaops.api.validation import Problem, Result
+    from llamaops.builders.serve import validate_manifest  # the serving runtimes' own checks too
 
     report = FileReport(str(path))
     try:

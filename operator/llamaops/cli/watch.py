@@ -19,8 +19,7 @@ import typer
 
 from llamaops import status as st
 from llamaops.api.meta import FINETUNES, GROUP, VERSION
-from llamaops.cli import kubeclient
-from llamaops.cli.kubeclient import ContextOpt, KubeconfigOpt, NamespaceOpt
+from llamaops.cli.common import ContextOpt, KubeconfigOpt, NamespaceOpt, run
 
 TERMINAL = ("Succeeded", "Failed")
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_TIMEOUT = 0, 1, 2, 3
@@ -251,6 +250,8 @@ async def _watch(name: str | None, namespace: str | None, live: bool, timeout: f
     from rich.live import Live
     from rich.markup import escape
 
+    from llamaops import kube
+
     console = Console(highlight=False, soft_wrap=True)
     board = Board()
     printed: dict[str, str] = {}
@@ -268,7 +269,7 @@ async def _watch(name: str | None, namespace: str | None, live: bool, timeout: f
                     printed[key] = stable
                     console.print(escape(line(v)))
 
-    async with kubeclient.connect(kubeconfig, context) as api:
+    async with kube.connect(kubeconfig, context) as api:
         display = Live(board, console=console, refresh_per_second=2, transient=True) if live else None
         if display:
             display.start()
@@ -316,10 +317,12 @@ def watch(
     Returns when every run shown has finished. Exit 0: all Succeeded; 1: a run Failed (its reason is printed);
     2: not found, or the cluster cannot be reached; 3: --timeout passed.
     """
+    from llamaops import kube
+
     if all_namespaces and name:
         typer.echo("llamaops watch: give a NAME or --all-namespaces, not both", err=True)
         raise typer.Exit(2)
-    ns = None if all_namespaces else (namespace or kubeclient.current_namespace(kubeconfig, context))
+    ns = None if all_namespaces else (namespace or kube.current_namespace(kubeconfig, context))
     use_live = sys.stdout.isatty() if live is None else live
-    code = kubeclient.run(_watch(name, ns, use_live, timeout, kubeconfig, context), "watch")
+    code = run(_watch(name, ns, use_live, timeout, kubeconfig, context), "watch")
     raise typer.Exit(code)

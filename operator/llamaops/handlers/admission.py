@@ -1,4 +1,5 @@
-"""The built-in queue's admission loop: capacity from kopf indexes, decisions from llamaops.queue."""
+"""The admission loop of a queue policy the operator runs itself: capacity from kopf indexes, the decision from
+the policy (llamaops.queue), carried out here. A policy whose admission is external (Kueue) runs no loop."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import kopf
 
 from llamaops import metrics
 from llamaops import status as st
-from llamaops.builders.finetune import Names, Placement
-from llamaops.builders.naming import LABEL_COMPONENT, LABEL_FINETUNE
+from llamaops.api.constants import COMPONENT_TRAINER, FINETUNES, LABEL_COMPONENT, LABEL_FINETUNE
+from llamaops.builders.finetune import Names
 from llamaops.handlers.runtime import Runtime, runtime
-from llamaops.handlers.workload import PLURAL, create_workload, parse
-from llamaops.lifecycle import ACTIVE, run_hash
-from llamaops.queue import QueuedRun, admit, free_capacity
+from llamaops.handlers.workload import create_workload, parse
+from llamaops.queue import Placement, free_capacity
 from llamaops.queue.capacity import pod_gpu_request
+from llamaops.state.finetune import ACTIVE, RunSnapshot, run_hash
 
 log = logging.getLogger(__name__)
 # Concurrent API writes of one admission pass: a wave of admissions or queue
@@ -27,16 +28,9 @@ EXACT_POSITIONS = 10
 POSITION_REFRESH = 5.0
 
 
-def _wake() -> None:
-    try:
-        runtime().wake.set()
-    except RuntimeError:
-        pass
-
-
 @kopf.index("nodes")
-def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
-    _wake()
+def node_index(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, dict[str, Any]]:
+    runtime(memo).wake.set()
     status = body.get("status") or {}
     return {name: {
         "metadata": {"name": name, "labels": dict(body["metadata"].get("labels") or {})},
@@ -52,32 +46,20 @@ def _gpu_pod(body: kopf.Body, **_: Any) -> bool:
 
 
 @kopf.index("pods", when=_gpu_pod)
-def gpu_pod_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+def gpu_pod_index(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
+                  **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """Every pod holding GPUs, ours and everyone else's."""
-    _wake()
+    runtime(memo).wake.set()
     labels = body["metadata"].get("labels") or {}
     return {(namespace, name): {
         "namespace": namespace,
-        "finetune": labels.get(LABEL_FINETUNE) if labels.get(LABEL_COMPONENT) == "trainer" else None,
+        "finetune": labels.get(LABEL_FINETUNE) if labels.get(LABEL_COMPONENT) == COMPONENT_TRAINER else None,
         "spec": {"nodeName": body.get("spec", {}).get("nodeName"),
                  "containers": [{"resources": c.get("resources") or {}} for c in body["spec"].get("containers", [])],
                  "initContainers": [{"resources": c.get("resources") or {}}
                                     for c in body["spec"].get("initContainers") or []]},
         "status": {"phase": (body.get("status") or {}).get("phase")},
     }}
-
-
-def _created(value: str | None) -> float:
-    created = st.parse_time(value)
-    return created.timestamp() if created else 0.0
-
-
-def queued_run(key: str, r: dict[str, Any], overtaken: int, dev_node: str | None = None) -> QueuedRun:
-    """A Queued run as the queue sees it. Demo mode (a dev node): it holds no GPUs, like a CPU run."""
-    if dev_node:
-        return QueuedRun(key, r["priority"], _created(r["created"]), r["nodes"], 0, overtaken=overtaken)
-    return QueuedRun(key, r["priority"], _created(r["created"]), r["nodes"], r["gpus_per_node"],
-                     r["gpu_product"], r["node_selector"], r["tolerations"], overtaken)
 
 
 def _values(index: kopf.Index) -> list[Any]:
@@ -94,16 +76,17 @@ class Admitter:
         self.positions: dict[str, tuple[int, str, float]] = {}  # key -> (position, reason, when) last written
 
     async def run_pass(self) -> None:
-        runs = {f"{ns}/{name}": snap for (ns, name), store in self.finetunes.items() for snap in store}
+        runs: dict[str, RunSnapshot] = {snap.key: snap for store in self.finetunes.values() for snap in store}
         for key in list(self.in_flight):
-            if key not in runs or runs[key]["phase"] != "Queued":
+            if key not in runs or runs[key].phase != "Queued":
                 del self.in_flight[key]
         queued, held = [], {}
         for key, r in runs.items():
-            if r["phase"] in ACTIVE and r["assigned_nodes"]:
-                held[key] = (r["assigned_nodes"], r["gpus_per_node"])
-            elif r["phase"] == "Queued" and not r["suspend"] and r["in_scope"] and key not in self.in_flight:
-                queued.append(queued_run(key, r, self.rt.overtaken.get(key, 0), self.rt.settings.dev_node))
+            if r.phase in ACTIVE and r.assigned_nodes:
+                held[key] = (list(r.assigned_nodes), r.resources.gpus_per_node)
+            elif r.phase == "Queued" and not r.suspend and r.in_scope and key not in self.in_flight:
+                # Demo mode (a dev node): a run holds no GPUs, like a CPU run.
+                queued.append(r.queued(self.rt.overtaken.get(key, 0), cpu_only=bool(self.rt.settings.dev_node)))
         held.update(self.in_flight)
         # Pods of admitted runs are counted through their reservation (they may not be bound yet);
         # every other GPU pod (leftovers of our stopped runs included) through its requests.
@@ -115,7 +98,7 @@ class Admitter:
             for n in nodes:
                 if n in by_name:
                     by_name[n].free = max(by_name[n].free - gpus, 0)
-        decision = admit(queued, capacity, self.rt.settings.backfill_limit)
+        decision = self.rt.policy.admit(queued, capacity)
         self.rt.overtaken = decision.overtaken
         gate = asyncio.Semaphore(PARALLEL_WRITES)
         gpus_per_node = {q.key: q.gpus_per_node for q in queued}
@@ -132,11 +115,11 @@ class Admitter:
 
         async def report_position(key: str, position: int, reason: str) -> None:
             ns, name = key.split("/", 1)
-            conditions = st.set_condition(runs[key]["conditions"], st.QUEUED, True, "Queued",
+            conditions = st.set_condition(list(runs[key].conditions), st.QUEUED, True, "Queued",
                                           f"position {position}: {reason}")
             async with gate:
                 try:
-                    await self.rt.kube.patch_status(PLURAL, ns, name,
+                    await self.rt.kube.patch_status(FINETUNES, ns, name,
                                                     {"queuePosition": position, "conditions": conditions})
                 except Exception:  # noqa: BLE001  (retried on the next pass)
                     log.exception("reporting the queue position of %s failed", key)
@@ -151,7 +134,7 @@ class Admitter:
                 # Every admission moves everyone behind it: near the head positions are exact,
                 # further back they are refreshed at most every POSITION_REFRESH seconds.
                 due = last is None or position <= EXACT_POSITIONS or now - last[2] >= POSITION_REFRESH
-                if due and runs.get(key, {}).get("phase") == "Queued":
+                if due and key in runs and runs[key].phase == "Queued":
                     self.positions[key] = (position, reason, now)
                     writes.append(report_position(key, position, reason))
         for key in list(self.positions):
@@ -175,11 +158,11 @@ class Admitter:
         where = ", ".join(nodes) if nodes else "CPU"
         conditions = st.set_condition(conditions, st.QUEUED, False, "Admitted", f"admitted onto {where}", gen)
         conditions = st.set_condition(conditions, st.ADMITTED, True, "Admitted", f"admitted onto {where}", gen)
-        await self.rt.kube.patch_status(PLURAL, ns, name, {
+        await self.rt.kube.patch_status(FINETUNES, ns, name, {
             "phase": "Admitted", "queuePosition": None, "assignedNodes": nodes, "conditions": conditions,
             "runHash": run_hash(lft.spec), "jobName": Names.of(name).job})
         await self.rt.kube.event(body, "Normal", reason="Admitted", message=f"all {len(nodes) or 1} node(s) fit: {where}")
-        metrics.admitted(body.get("status"), "builtin")
+        metrics.admitted(body.get("status"), self.rt.policy.name)
 
 
 async def admission_loop(rt: Runtime, admitter: Admitter) -> None:
@@ -203,10 +186,10 @@ async def admission_loop(rt: Runtime, admitter: Admitter) -> None:
 @kopf.on.startup()
 async def start_admission(memo: kopf.Memo, finetune_index: kopf.Index, node_index: kopf.Index,
                           gpu_pod_index: kopf.Index, **_: Any) -> None:
-    rt = runtime()
+    rt = runtime(memo)
     metrics.track(finetune_index)
-    if rt.settings.queue_mode != "builtin":
-        return
+    if rt.policy.external:
+        return  # an external controller admits
     memo["admission"] = asyncio.create_task(
         admission_loop(rt, Admitter(rt, finetune_index, node_index, gpu_pod_index)), name="admission")
 

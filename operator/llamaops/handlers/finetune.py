@@ -10,34 +10,30 @@ import kopf
 from llamaops import metrics
 from llamaops import status as st
 from llamaops.api import LlamaFineTune
+from llamaops.api.constants import FINETUNES, GROUP, VERSION
 from llamaops.api.validation import validate_finetune
-from llamaops.builders.finetune import Names, Placement
-from llamaops.handlers.runtime import runtime
-from llamaops.handlers.workload import create_workload, manifest, patch_status, remove_job
-from llamaops.lifecycle import Action, State, decide, run_hash, snapshot
-
-GROUP, VERSION, PLURAL = "llamaops.io", "v1alpha1", "llamafinetunes"
+from llamaops.builders.finetune import Names
+from llamaops.handlers.runtime import Runtime, in_scope, runtime
+from llamaops.handlers.workload import create_workload, manifest, patch_status, placement, remove_job
+from llamaops.state.finetune import Action, RunSnapshot, State, decide, run_hash
 
 
-def in_scope(namespace: str | None, **_: Any) -> bool:
-    return runtime().in_scope(namespace)
-
-
-@kopf.index(GROUP, VERSION, PLURAL)
-def finetune_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+@kopf.index(GROUP, VERSION, FINETUNES)
+def finetune_index(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
+                   **_: Any) -> dict[tuple[str, str], RunSnapshot]:
     """What the admission loop needs of every run, kept current by kopf's watch."""
-    rt = runtime()
+    rt = runtime(memo)
     rt.wake.set()
-    return {(namespace, name): snapshot(body, rt.in_scope(namespace))}
+    return {(namespace, name): RunSnapshot.of(body, rt.in_scope(namespace))}
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL, when=in_scope)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", when=in_scope)
-@kopf.on.resume(GROUP, VERSION, PLURAL, when=in_scope)
+@kopf.on.create(GROUP, VERSION, FINETUNES, when=in_scope)
+@kopf.on.update(GROUP, VERSION, FINETUNES, field="spec", when=in_scope)
+@kopf.on.resume(GROUP, VERSION, FINETUNES, when=in_scope)
 @metrics.count_errors("reconcile")
 async def reconcile(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, reason: kopf.Reason,
-                    logger: logging.Logger, **_: Any) -> None:
-    rt = runtime()
+                    logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
+    rt = runtime(memo)
     rt.indexes_ready.set()
     generation = meta.get("generation")
     conditions = list(status.get("conditions") or [])
@@ -55,7 +51,7 @@ async def reconcile(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, reaso
         errors = "; ".join(str(p) for p in result.errors)
         conditions = st.set_condition(conditions, st.VALID, False, "InvalidSpec", errors, generation)
         conditions = st.set_condition(conditions, st.FAILED, True, "InvalidSpec", errors, generation)
-        await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], {
+        await rt.kube.patch_status(FINETUNES, meta["namespace"], meta["name"], {
             "phase": "Failed", "conditions": conditions, "observedGeneration": generation,
             "queuePosition": None, "runHash": None, "assignedNodes": None})
         await rt.kube.delete_job(meta["namespace"], Names.of(meta["name"]).job)
@@ -77,8 +73,7 @@ async def reconcile(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, reaso
         return
 
     if action is Action.ENSURE:
-        placement = Placement(nodes=tuple(status.get("assignedNodes") or ()))
-        await create_workload(rt, lft, placement)
+        await create_workload(rt, lft, placement(rt, RunSnapshot.of(body)))
         await patch_status(rt, lft, {"conditions": conditions, "observedGeneration": generation})
         return
 
@@ -99,11 +94,18 @@ async def reconcile(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, reaso
     await patch_status(rt, lft, new_status)
     if await remove_job(rt, lft):
         await rt.kube.event(body, "Normal", reason="SpecChanged", message="the spec changed: the run restarts with the new spec")
-    if rt.settings.queue_mode == "kueue":
-        queue = lft.spec.queue.name or rt.settings.kueue_default_queue
-        await create_workload(rt, lft, Placement(kueue_queue=queue))
-        await patch_status(rt, lft, {"runHash": state.run_hash, "jobName": Names.of(lft.metadata.name or "").job})
-        await rt.kube.event(body, "Normal", reason="Queued", message=f"submitted to Kueue LocalQueue {queue}")
-    else:
-        await rt.kube.event(body, "Normal", reason="Queued", message="waiting in the GPU queue")
+    await submit(rt, lft, body, state.run_hash)
     rt.wake.set()
+
+
+async def submit(rt: Runtime, lft: LlamaFineTune, body: Any, hash_: str) -> None:
+    """The run has joined the queue: the policy's submission (an external queue gets its Job at once), or a
+    wait for the admission loop."""
+    where = rt.policy.submission(RunSnapshot.of(body).queued())
+    if where is None:
+        await rt.kube.event(body, "Normal", reason="Queued", message="waiting in the GPU queue")
+        return
+    await create_workload(rt, lft, where)
+    await patch_status(rt, lft, {"runHash": hash_, "jobName": Names.of(lft.metadata.name or "").job})
+    queues = ", ".join(f"{k}={v}" for k, v in where.labels.items())
+    await rt.kube.event(body, "Normal", reason="Queued", message=f"submitted to the {rt.policy.name} queue ({queues})")

@@ -1,4 +1,4 @@
-"""LlamaServe: adapters resolved from their runs, a vLLM Deployment kept to the spec, status from the rollout.
+"""LlamaServe: adapters resolved from their runs, the serving Deployment kept to the spec, status from the rollout.
 
 One reconcile function does everything from fresh reads, so it is safe to call
 from any trigger, any number of times:
@@ -15,9 +15,7 @@ A per-object lock keeps two triggers of one LlamaServe from interleaving.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import defaultdict
 from typing import Any
 
 import kopf
@@ -26,32 +24,31 @@ from pydantic import ValidationError
 from llamaops import metrics
 from llamaops import status as st
 from llamaops.api import LlamaServe
+from llamaops.api.constants import (
+    FINETUNES,
+    GROUP,
+    KIND_SERVE,
+    LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    SERVES,
+    VERSION,
+)
 from llamaops.api.finetune import LlamaFineTune
-from llamaops.api.validation import validate_serve
 from llamaops.builders import serve as b
-from llamaops.builders.naming import LABEL_COMPONENT, MANAGED_BY, controller_of
-from llamaops.handlers.runtime import Runtime, runtime
+from llamaops.builders.naming import controller_of
+from llamaops.handlers.runtime import Runtime, in_scope, runtime
 from llamaops.handlers.workload import manifest
-
-GROUP, VERSION, PLURAL = "llamaops.io", "v1alpha1", "llamaserves"
-KIND = "LlamaServe"
+from llamaops.state.serve import resolve, rollout_phase
 
 log = logging.getLogger(__name__)
-_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
-# What a run last looked like to us ((phase, adapter) by (namespace, name)): its events
-# re-reconcile the serves that use it only when that changes, not on every progress patch.
-_seen_runs: dict[tuple[str, str], Any] = {}
-
-
-def in_scope(namespace: str | None, **_: Any) -> bool:
-    return runtime().in_scope(namespace)
 
 
 def _refs(spec: dict[str, Any]) -> list[str]:
     return sorted({a["fineTuneRef"] for a in spec.get("adapters") or [] if a.get("fineTuneRef")})
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
+@kopf.index(GROUP, VERSION, SERVES)
 def serves_by_run(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
     """(namespace, LlamaFineTune name) -> names of the LlamaServes that reference it."""
     return {(namespace, ref): name for ref in _refs(dict(spec))}
@@ -72,59 +69,12 @@ def _parse_run(body: dict[str, Any]) -> LlamaFineTune | None:
             return None
 
 
-def _s3_of_run(run: LlamaFineTune) -> b.S3Credentials | None:
-    out = run.spec.output.s3
-    if out is None:
-        return None
-    return b.S3Credentials(endpoint=out.endpoint, region=out.region,
-                           secret=out.credentials_secret.name if out.credentials_secret else None)
-
-
-def resolve(lsv: LlamaServe, runs: dict[str, LlamaFineTune | None],
-            served: list[dict[str, Any]]) -> tuple[list[b.ResolvedAdapter], list[str]]:
-    """The adapters to serve, and what is still awaited ("<adapter> (LlamaFineTune <run>: <phase>)").
-
-    A run being re-trained keeps serving the adapter it produced before (recorded in
-    status.adapters) until the new one is there: a re-run never takes an endpoint down.
-    """
-    spec_s3 = lsv.spec.s3
-    uri_s3 = b.S3Credentials(endpoint=spec_s3.endpoint, region=spec_s3.region,
-                             secret=spec_s3.credentials_secret.name if spec_s3.credentials_secret else None) \
-        if spec_s3 else None
-    before = {a.get("name"): a for a in served}
-    out, waiting = [], []
-    for a in lsv.spec.adapters:
-        if a.uri:
-            out.append(b.ResolvedAdapter(a.name, a.uri, "uri", a.base_model, a.r, s3=uri_s3))
-            continue
-        ref = a.fine_tune_ref or ""
-        source = f"LlamaFineTune/{ref}"
-        run = runs.get(ref)
-        status = run.status if run is not None else None
-        done = status.adapter if status is not None and status.phase == "Succeeded" else None
-        if done is not None and done.uri:
-            revision = status.completion_time.strftime("%Y-%m-%dT%H:%M:%SZ") \
-                if status is not None and status.completion_time else None
-            out.append(b.ResolvedAdapter(a.name, done.uri, source, done.base_model, done.r, done.system_prompt,
-                                         revision, s3=_s3_of_run(run) if run else None))
-            continue
-        prev = before.get(a.name)
-        if prev is not None and prev.get("source") == source and prev.get("uri"):
-            out.append(b.ResolvedAdapter(a.name, prev["uri"], source, prev.get("baseModel"), prev.get("r"),
-                                         prev.get("systemPrompt"), prev.get("revision"),
-                                         s3=_s3_of_run(run) if run else None))
-            continue
-        phase = "not found" if run is None else (status.phase if status and status.phase else "Pending")
-        waiting.append(f"{a.name} (LlamaFineTune {ref}: {phase})")
-    return out, waiting
-
-
 # ---------------------------------------------------------------- reconcile
 
 
 async def _status(rt: Runtime, body: dict[str, Any], new: dict[str, Any]) -> None:
     meta = body["metadata"]
-    await rt.kube.patch_status(PLURAL, meta["namespace"], meta["name"], new)
+    await rt.kube.patch_status(SERVES, meta["namespace"], meta["name"], new)
 
 
 async def _event_once(rt: Runtime, body: dict[str, Any], conditions: list[dict[str, Any]], type_: str,
@@ -145,9 +95,9 @@ async def _fail(rt: Runtime, body: dict[str, Any], conditions: list[dict[str, An
     await _status(rt, body, {"phase": "Failed", "conditions": conditions, "observedGeneration": gen})
 
 
-async def reconcile(namespace: str, name: str) -> None:
-    async with _locks[(namespace, name)]:
-        await _reconcile(runtime(), namespace, name)
+async def reconcile(rt: Runtime, namespace: str, name: str) -> None:
+    async with rt.serve_locks[(namespace, name)]:
+        await _reconcile(rt, namespace, name)
 
 
 async def _reconcile(rt: Runtime, namespace: str, name: str) -> None:
@@ -161,8 +111,8 @@ async def _reconcile(rt: Runtime, namespace: str, name: str) -> None:
     runs_raw = {ref: await rt.kube.get_finetune(namespace, ref) for ref in _refs(body["spec"])}
     runs = {ref: _parse_run(raw) if raw else None for ref, raw in runs_raw.items()}
     # A missing run is no warning here: resolve() reports its adapter as awaited.
-    result = validate_serve(manifest(body), finetunes={k: v for k, v in runs.items() if v is not None},
-                            warn_missing=False)
+    result = b.validate_serve(manifest(body), finetunes={k: v for k, v in runs.items() if v is not None},
+                              warn_missing=False)
     if not result.ok:
         await _fail(rt, body, conditions, "InvalidSpec", "; ".join(str(p) for p in result.errors), gen, valid=False)
         return
@@ -199,7 +149,7 @@ async def _reconcile(rt: Runtime, namespace: str, name: str) -> None:
     if w.hpa is None:
         await rt.kube.delete("HorizontalPodAutoscaler", namespace, n["deployment"])
     kept = {cm["metadata"]["name"] for cm in w.config_maps}
-    for cm in (n["chat"], n["modelfiles"]):
+    for cm in b.config_map_names(lsv):  # every runtime's: a runtime switch leaves the other's behind
         if cm not in kept:
             await rt.kube.delete("ConfigMap", namespace, cm)
 
@@ -222,7 +172,7 @@ async def _reconcile(rt: Runtime, namespace: str, name: str) -> None:
 
 def _rollout_status(body: dict[str, Any], dep: dict[str, Any], conditions: list[dict[str, Any]],
                     gen: int | None) -> dict[str, Any]:
-    r = b.rollout_phase(dep, (body.get("status") or {}).get("phase"))
+    r = rollout_phase(dep, (body.get("status") or {}).get("phase"))
     conditions = st.set_condition(conditions, st.AVAILABLE, r.phase == "Ready" or r.available >= max(r.desired, 1),
                                   "ReplicasAvailable" if r.available else "NoReplicasAvailable",
                                   f"{r.available} replica(s) available", gen)
@@ -231,10 +181,9 @@ def _rollout_status(body: dict[str, Any], dep: dict[str, Any], conditions: list[
             "updatedReplicas": r.updated}
 
 
-async def refresh(namespace: str, name: str, dep: dict[str, Any]) -> None:
+async def refresh(rt: Runtime, namespace: str, name: str, dep: dict[str, Any]) -> None:
     """The Deployment moved: replicas, ready replicas and the phase follow it (nothing is applied)."""
-    async with _locks[(namespace, name)]:
-        rt = runtime()
+    async with rt.serve_locks[(namespace, name)]:
         body = await rt.kube.get_serve(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
@@ -249,58 +198,61 @@ async def refresh(namespace: str, name: str, dep: dict[str, Any]) -> None:
             type_ = "Warning" if new["phase"] == "Degraded" else "Normal"
             progressing = st.condition(new["conditions"], st.PROGRESSING) or {}
             await rt.kube.event(body, type_, reason=new["phase"], message=progressing.get("message", ""))
-        await rt.kube.patch_status(PLURAL, namespace, name, new)
+        await rt.kube.patch_status(SERVES, namespace, name, new)
 
 
 # ---------------------------------------------------------------- triggers
 
 
 # A failed reconcile (an API error, a refused write) is retried after 10 s, not kopf's default 60 s.
-@kopf.on.create(GROUP, VERSION, PLURAL, when=in_scope, backoff=10)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", when=in_scope, backoff=10)
-@kopf.on.resume(GROUP, VERSION, PLURAL, when=in_scope, backoff=10)
+@kopf.on.create(GROUP, VERSION, SERVES, when=in_scope, backoff=10)
+@kopf.on.update(GROUP, VERSION, SERVES, field="spec", when=in_scope, backoff=10)
+@kopf.on.resume(GROUP, VERSION, SERVES, when=in_scope, backoff=10)
 @metrics.count_errors("serve")
-async def serve_changed(namespace: str, name: str, **_: Any) -> None:
-    await reconcile(namespace, name)
+async def serve_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    await reconcile(runtime(memo), namespace, name)
 
 
-@kopf.on.event(GROUP, VERSION, "llamafinetunes", when=in_scope)
+@kopf.on.event(GROUP, VERSION, FINETUNES, when=in_scope)
 async def run_changed(type: str | None, namespace: str, name: str, body: kopf.Body,  # noqa: A002
-                      serves_by_run: kopf.Index, **_: Any) -> None:
+                      serves_by_run: kopf.Index, memo: kopf.Memo, **_: Any) -> None:
     """A referenced run finished, was re-trained, or went away: re-reconcile the serves that use it."""
+    rt = runtime(memo)
+    seen_runs = rt.seen_runs
     key = (namespace, name)
     serves = serves_by_run.get(key)
     if not serves:
         # Not remembered while unused: a LlamaServe that starts using it reads it afresh, and a
         # stale entry could hide its next change.
-        _seen_runs.pop(key, None)
+        seen_runs.pop(key, None)
         return
     if type == "DELETED":
-        _seen_runs.pop(key, None)
+        seen_runs.pop(key, None)
     else:
         # type None (a listing) is compared too, not skipped: kopf lists again after every watch
         # restart (410 Gone), with no resume after it, and a change made meanwhile arrives only so.
         status = body.get("status") or {}
         seen = (status.get("phase"), status.get("adapter"), status.get("completionTime"))
-        if _seen_runs.get(key) == seen:
+        if seen_runs.get(key) == seen:
             return
-        _seen_runs[key] = seen
+        seen_runs[key] = seen
     for serve in sorted(set(serves)):
         try:
-            await reconcile(namespace, serve)
+            await reconcile(rt, namespace, serve)
         except Exception:  # noqa: BLE001 - event handlers are not retried; the next event or resume catches up
             log.exception("reconciling LlamaServe %s/%s after LlamaFineTune %s changed", namespace, serve, name)
-            _seen_runs.pop(key, None)
+            seen_runs.pop(key, None)
 
 
-@kopf.on.event("apps", "v1", "deployments",
-               labels={"app.kubernetes.io/managed-by": MANAGED_BY, LABEL_COMPONENT: b.COMPONENT})
-async def deployment_event(type: str, body: kopf.Body, namespace: str, **_: Any) -> None:  # noqa: A002
-    owner = controller_of(body, KIND)
-    if owner is None or not runtime().in_scope(namespace):
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: b.COMPONENT})
+async def deployment_event(type: str, body: kopf.Body, namespace: str, memo: kopf.Memo,  # noqa: A002
+                           **_: Any) -> None:
+    rt = runtime(memo)
+    owner = controller_of(body, KIND_SERVE)
+    if owner is None or not rt.in_scope(namespace):
         return
     if type == "DELETED":
         # Someone deleted it (our owner's deletion would have removed the owner first): put it back.
-        await reconcile(namespace, owner)
+        await reconcile(rt, namespace, owner)
         return
-    await refresh(namespace, owner, dict(body))
+    await refresh(rt, namespace, owner, dict(body))

@@ -1,4 +1,4 @@
-"""Creating and removing a run's workload, and the status transitions around it."""
+"""Reading our objects as models, and creating and removing a run's workload."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import asyncio
 from typing import Any
 
 from llamaops.api import LlamaFineTune
-from llamaops.builders.finetune import Names, Placement, workload
+from llamaops.api.constants import FINETUNES
+from llamaops.builders.finetune import Names, workload
 from llamaops.handlers.runtime import Runtime
-
-PLURAL = "llamafinetunes"
-
+from llamaops.queue import Placement
+from llamaops.state.finetune import RunSnapshot
 
 # The metadata our models read; the server's bookkeeping (managedFields, resourceVersion...) is left out.
 METADATA = ("name", "namespace", "uid", "generation", "creationTimestamp")
@@ -35,8 +35,16 @@ def parse(body: Any) -> LlamaFineTune:
     return LlamaFineTune.model_validate(manifest(body))
 
 
-async def create_workload(rt: Runtime, lft: LlamaFineTune, placement: Placement) -> None:
-    w = workload(lft, rt.settings, placement)
+def placement(rt: Runtime, run: RunSnapshot) -> Placement:
+    """Where an active run's Job goes when it is made again: an external queue's placement (Kueue admits it
+    anew, within its quota), else the nodes admission assigned."""
+    if rt.policy.external:
+        return rt.policy.submission(run.queued()) or Placement()
+    return Placement(nodes=run.assigned_nodes)
+
+
+async def create_workload(rt: Runtime, lft: LlamaFineTune, where: Placement) -> None:
+    w = workload(lft, rt.settings, where)
     # Everything the Job's pods use first (together), then the Job. The Job is created, not
     # applied: its pod template is immutable, and a changed spec gets a new Job.
     await asyncio.gather(*(rt.kube.apply(m) for m in w.in_creation_order() if m["kind"] != "Job"))
@@ -49,4 +57,4 @@ async def remove_job(rt: Runtime, lft: LlamaFineTune) -> bool:
 
 
 async def patch_status(rt: Runtime, lft: LlamaFineTune, status: dict[str, Any]) -> None:
-    await rt.kube.patch_status(PLURAL, lft.metadata.namespace or "default", lft.metadata.name or "", status)
+    await rt.kube.patch_status(FINETUNES, lft.metadata.namespace or "default", lft.metadata.name or "", status)

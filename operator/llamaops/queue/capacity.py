@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+from llamaops.api.constants import GPU_PRODUCT_LABEL, GPU_RESOURCE
+
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
