@@ -31,8 +31,8 @@ from kubernetes import client, config, watch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from api_cases import example  # noqa: E402
-
-GROUP, VERSION, PLURAL = "llamaops.io", "v1alpha1", "llamafinetunes"
+from llamaops.api.constants import FINETUNES as PLURAL  # noqa: E402
+from llamaops.api.constants import GROUP, VERSION  # noqa: E402
 
 
 def start_cluster(nodes: int, kueue: bool, home: Path) -> Path:

@@ -135,7 +135,49 @@ def describe_api_error(exc: BaseException) -> str | None:
 # ---------------------------------------------------------------- the operator's calls
 
 
+class Stale(Exception):
+    """The object changed since it was read: the decision made from it is not written (read again)."""
+
+
+class NotOwned(Exception):
+    """A child's name is taken by an object the run (or serve) does not control: it is never adopted."""
+
+    def __init__(self, obj: dict[str, Any], owner: str) -> None:
+        meta = obj["metadata"]
+        holder = next((f"{r.get('kind')} {r.get('name')}" for r in meta.get("ownerReferences") or []
+                       if r.get("controller")), None)
+        super().__init__(f"{obj.get('kind')} {meta.get('namespace')}/{meta.get('name')} exists and is "
+                         f"{'controlled by ' + holder if holder else 'not controlled by anything'}, not by {owner}: "
+                         "delete or rename it (LlamaOps never takes over objects it did not create)")
+        self.obj = obj
+
+
+def controller_uid(obj: dict[str, Any]) -> str | None:
+    """The uid of the object's controller (its owner reference with controller: true)."""
+    return next((r.get("uid") for r in (obj.get("metadata") or {}).get("ownerReferences") or []
+                 if r.get("controller")), None)
+
+
+def _owner(manifest: dict[str, Any]) -> str:
+    meta = manifest["metadata"]
+    return next((f"{r['kind']} {r['name']}" for r in meta.get("ownerReferences") or [] if r.get("controller")), "?")
+
+
 class Kube:
+    # The kinds of children, and the API groups' calls for them: read, create, patch, delete.
+    _KINDS = {
+        "ConfigMap": ("core", "config_map"),
+        "ServiceAccount": ("core", "service_account"),
+        "Service": ("core", "service"),
+        "Role": ("rbac", "role"),
+        "RoleBinding": ("rbac", "role_binding"),
+        "Job": ("batch", "job"),
+        "Deployment": ("apps", "deployment"),
+        "PodDisruptionBudget": ("policy", "pod_disruption_budget"),
+        "HorizontalPodAutoscaler": ("autoscaling", "horizontal_pod_autoscaler"),
+        "NetworkPolicy": ("networking", "network_policy"),
+    }
+
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
@@ -144,58 +186,77 @@ class Kube:
         self.apps = client.AppsV1Api(api)
         self.policy = client.PolicyV1Api(api)
         self.autoscaling = client.AutoscalingV2Api(api)
+        self.networking = client.NetworkingV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.requests = 0  # API calls made, for the benchmarks
 
-    def _create_call(self, kind: str):  # noqa: ANN202
-        return {
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "ServiceAccount": self.core.create_namespaced_service_account,
-            "Service": self.core.create_namespaced_service,
-            "Role": self.rbac.create_namespaced_role,
-            "RoleBinding": self.rbac.create_namespaced_role_binding,
-            "Job": self.batch.create_namespaced_job,
-            "Deployment": self.apps.create_namespaced_deployment,
-            "PodDisruptionBudget": self.policy.create_namespaced_pod_disruption_budget,
-            "HorizontalPodAutoscaler": self.autoscaling.create_namespaced_horizontal_pod_autoscaler,
-        }[kind]
+    def _call(self, verb: str, kind: str):  # noqa: ANN202
+        group, name = self._KINDS[kind]
+        return getattr(getattr(self, group), f"{verb}_namespaced_{name}")
 
-    def _patch_call(self, kind: str):  # noqa: ANN202
-        return {
-            "ConfigMap": self.core.patch_namespaced_config_map,
-            "ServiceAccount": self.core.patch_namespaced_service_account,
-            "Service": self.core.patch_namespaced_service,
-            "Role": self.rbac.patch_namespaced_role,
-            "RoleBinding": self.rbac.patch_namespaced_role_binding,
-            "Deployment": self.apps.patch_namespaced_deployment,
-            "PodDisruptionBudget": self.policy.patch_namespaced_pod_disruption_budget,
-            "HorizontalPodAutoscaler": self.autoscaling.patch_namespaced_horizontal_pod_autoscaler,
-        }[kind]
-
-    async def _apply(self, manifest: dict[str, Any]) -> Any:
-        self.requests += 1
-        meta = manifest["metadata"]
-        return await self._patch_call(manifest["kind"])(meta["name"], meta["namespace"], manifest,
-                                                        field_manager=FIELD_MANAGER, force=True,
-                                                        _content_type=APPLY_PATCH)
-
-    async def apply(self, manifest: dict[str, Any]) -> None:
-        """Server-side apply as field manager "llamaops": creates, or brings an existing child to the manifest."""
-        await self._apply(manifest)
-
-    async def apply_returning(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """`apply`, returning the object as the server now has it (status included): no extra get."""
-        return self.api.sanitize_for_serialization(await self._apply(manifest))
-
-    async def create(self, manifest: dict[str, Any]) -> bool:
-        """Create unless it exists (deterministic names make a repeat a no-op). True if created."""
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A child as the server has it, or None."""
         self.requests += 1
         try:
-            await self._create_call(manifest["kind"])(manifest["metadata"]["namespace"], manifest,
-                                                      field_manager=FIELD_MANAGER)
+            return self.api.sanitize_for_serialization(await self._call("read", kind)(name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def _owned(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """The existing object of the manifest's name; NotOwned when its controller is not the manifest's."""
+        meta = manifest["metadata"]
+        existing = await self.get(manifest["kind"], meta["namespace"], meta["name"])
+        if existing is not None and controller_uid(existing) != controller_uid(manifest):
+            raise NotOwned({"kind": manifest["kind"], **existing}, _owner(manifest))
+        return existing
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply as field manager "llamaops": creates the child, or brings the one its owner controls
+        to the manifest; returns the object as the server now has it (status included). An object of that name
+        that the owner does not control is left alone: NotOwned."""
+        await self._owned(manifest)
+        self.requests += 1
+        meta = manifest["metadata"]
+        out = await self._call("patch", manifest["kind"])(meta["name"], meta["namespace"], manifest,
+                                                         field_manager=FIELD_MANAGER, force=True,
+                                                         _content_type=APPLY_PATCH)
+        return self.api.sanitize_for_serialization(out)
+
+    async def create(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """Create it; None when created, else the object already there (deterministic names make a repeat a
+        no-op; the caller checks it is the one it means). NotOwned when its owner does not control that one."""
+        self.requests += 1
+        try:
+            await self._call("create", manifest["kind"])(manifest["metadata"]["namespace"], manifest,
+                                                        field_manager=FIELD_MANAGER)
+            return None
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = await self._owned(manifest)
+        if existing is None:  # gone meanwhile
+            return await self.create(manifest)
+        return existing
+
+    async def delete_owned(self, kind: str, namespace: str, name: str, owner_uid: str | None) -> bool:
+        """Delete a child if `owner_uid` controls it (its pods in the background); an object of that name that
+        it does not control is left alone. True if it was deleted."""
+        existing = await self.get(kind, namespace, name)
+        if existing is None:
+            return False
+        if controller_uid(existing) != owner_uid:
+            log.warning("not deleting %s %s/%s: its controller is not the object being reconciled",
+                        kind, namespace, name)
+            return False
+        self.requests += 1
+        body = {"preconditions": {"uid": existing["metadata"]["uid"]}, "propagationPolicy": "Background"}
+        try:
+            await self._call("delete", kind)(name, namespace, body=body)
             return True
         except ApiException as exc:
-            if exc.status == 409:
+            if exc.status in (404, 409):  # gone, or replaced meanwhile (the precondition failed)
                 return False
             raise
 
@@ -217,43 +278,26 @@ class Kube:
                 return None
             raise
 
-    async def delete(self, kind: str, namespace: str, name: str) -> bool:
-        """Delete a child (ConfigMap, PodDisruptionBudget, HorizontalPodAutoscaler...). True if it was there."""
-        self.requests += 1
-        call = {
-            "ConfigMap": self.core.delete_namespaced_config_map,
-            "PodDisruptionBudget": self.policy.delete_namespaced_pod_disruption_budget,
-            "HorizontalPodAutoscaler": self.autoscaling.delete_namespaced_horizontal_pod_autoscaler,
-        }[kind]
-        try:
-            await call(name, namespace)
-            return True
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any],
+                           resource_version: str | None = None) -> None:
+        """Merge-patch the status subresource (a vanished object is not an error).
 
-    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        """Merge-patch the status subresource (a vanished object is not an error)."""
+        With `resource_version`, only the object of that version is patched (optimistic concurrency): a
+        decision made from what was read is not written over a change made since, which raises Stale.
+        """
         self.requests += 1
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
             await self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, plural, name, {"status": status}, field_manager=FIELD_MANAGER,
+                GROUP, VERSION, namespace, plural, name, body, field_manager=FIELD_MANAGER,
                 _content_type=MERGE_PATCH)
         except ApiException as exc:
+            if exc.status == 409 and resource_version:
+                raise Stale(f"{plural} {namespace}/{name} changed since version {resource_version}") from None
             if exc.status != 404:
                 raise
-
-    async def delete_job(self, namespace: str, name: str) -> bool:
-        """Delete a Job and (in the background) its pods. True if it was there."""
-        self.requests += 1
-        try:
-            await self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-            return True
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
 
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         self.requests += 1

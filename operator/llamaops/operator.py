@@ -27,6 +27,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
+    # Of all ConfigMaps, the API server sends only the runs' reports.
+    from llamaops.handlers.reports import REPORT_SELECTOR
+
+    settings.watching.label_selectors["configmaps"] = REPORT_SELECTOR
     settings.queueing.worker_limit = None  # required with indexes: no start-up deadlock
     settings.networking.error_backoffs = [1, 2, 5, 10]
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from llamaops import queue
+from llamaops.state.policy import Policy
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/llamaops/trainer:0.1.0"
 # The vLLM release whose argument parser bench/vllm_args.py checks our `vllm serve` arguments against.
@@ -37,6 +38,17 @@ class Settings:
     # trains on its CPU (gloo, no GPUs requested) and is admitted without counting GPUs.
     dev_node: str | None = None
     metrics_port: int = 0  # Prometheus /metrics; 0: off (parallel local operators never collide)
+    # An admitted run whose pods cannot start or be scheduled is told this long after (its GPUs go back); a
+    # node NotReady this long is lost (Kubernetes' own taint-based eviction also waits 300 s).
+    stuck_after: float = 300.0
+    node_lost_after: float = 300.0
+    # NetworkPolicies for the serving port and the training gang's rendezvous (chart: networkPolicies.enabled).
+    network_policies: bool = True
+    # What a spec may ask for on a shared cluster (chart: policy.*; state/policy.py). No allowed images given:
+    # the operator's own (trainer, vLLM, Ollama); "*" allows any.
+    allowed_images: tuple[str, ...] = ()
+    allowed_priority_classes: tuple[str, ...] = ()
+    max_priority: int = 1000
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -59,7 +71,18 @@ class Settings:
             liveness_port=int(env.get("LLAMAOPS_LIVENESS_PORT", "8080")),
             dev_node=env.get("LLAMAOPS_DEV_NODE") or None,
             metrics_port=int(env.get("LLAMAOPS_METRICS_PORT") or "0"),
+            stuck_after=float(env.get("LLAMAOPS_STUCK_AFTER", "300")),
+            node_lost_after=float(env.get("LLAMAOPS_NODE_LOST_AFTER", "300")),
+            network_policies=env.get("LLAMAOPS_NETWORK_POLICIES", "true").lower() not in ("false", "0", "no"),
+            allowed_images=_csv(env.get("LLAMAOPS_ALLOWED_IMAGES", "")),
+            allowed_priority_classes=_csv(env.get("LLAMAOPS_ALLOWED_PRIORITY_CLASSES", "")),
+            max_priority=int(env.get("LLAMAOPS_MAX_PRIORITY", "1000")),
         )
+
+    def spec_policy(self) -> Policy:
+        """What a spec may ask for: the allowed images default to the operator's own."""
+        images = self.allowed_images or (self.trainer_image, self.vllm_image, self.ollama_image)
+        return Policy(images, self.allowed_priority_classes, self.max_priority)
 
     def queue_policy(self) -> queue.QueuePolicy:
         """The queue policy these settings select, configured by them."""

@@ -13,6 +13,7 @@ RUNNING = "Running"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
+CONFLICT = "Conflict"  # a child's name is taken by an object LlamaOps does not control (both kinds)
 # Condition types of a LlamaServe (with VALID and FAILED above).
 ADAPTERS_READY = "AdaptersReady"
 AVAILABLE = "Available"

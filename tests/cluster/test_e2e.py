@@ -156,13 +156,20 @@ def test_1_a_tiny_llama_trains_on_the_dev_node(e2e: dict[str, Any], kubectl) -> 
     assert record["argv"][:3] == ["python", "-m", "llamaops_trainer.launch"]
     assert "KUBECONFIG" not in record["env"]
 
-    # Progress reached the object while training, written by the trainer with its own ServiceAccount.
+    # Progress reached the object while training: written by the trainer, with its own ServiceAccount, into its
+    # report ConfigMap (all its Role allows), and by the operator, the only writer of the run's status, from there.
     during = [p for phase, p in run["seen"] if phase == "Running" and 0 < p.get("step", 0) < MAX_STEPS]
     assert during, f"no progress seen during training: {run['seen'][-5:]}"
     assert status["progress"]["step"] == MAX_STEPS and status["progress"]["loss"] > 0
     obj = json.loads(kubectl("get", "lft", "-n", ns, name, "-o", "json", "--show-managed-fields").stdout)
     managers = {m["manager"]: m for m in obj["metadata"]["managedFields"] if m.get("subresource") == "status"}
-    assert "f:progress" in managers["llamaops-trainer"]["fieldsV1"]["f:status"]
+    assert "f:progress" in managers["llamaops"]["fieldsV1"]["f:status"] and "llamaops-trainer" not in managers
+    report = json.loads(kubectl("get", "configmap", "-n", ns, f"{name}-report", "-o", "json",
+                                "--show-managed-fields").stdout)
+    writers = {m["manager"]: m for m in report["metadata"]["managedFields"]}
+    assert "f:progress" in writers["llamaops-trainer"]["fieldsV1"]["f:data"]
+    assert json.loads(report["data"]["progress"])["step"] == MAX_STEPS
+    assert json.loads(report["data"]["adapter"])["r"] == status["adapter"]["r"]
     token = (Path(record["root"]) / SA_DIR / "token").read_text()
     claims = _jwt_claims(token)
     assert claims["sub"] == f"system:serviceaccount:{ns}:{name}-trainer"

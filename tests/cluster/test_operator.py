@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from llamaops.api import LlamaFineTune
+from llamaops.api.contract import spec_hash
 from operator_fixtures import Cluster, OperatorProcess, crd_namespace, gpu_pods_gone, running_operator, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -83,8 +85,7 @@ def test_run_is_admitted_with_its_whole_workload(c: Cluster) -> None:
     assert spec_doc["spec"]["lora"]["r"] == 32 and spec_doc["spec"]["training"]["optim"] == "adamw_torch"
     # The trainer may read and patch only this object's status.
     role = c.get("role", "one-trainer")
-    assert {tuple(r["resources"]): r["resourceNames"] for r in role["rules"]} == {
-        ("llamafinetunes",): ["one"], ("llamafinetunes/status",): ["one"]}
+    assert {tuple(r["resources"]): r["resourceNames"] for r in role["rules"]} == {("configmaps",): ["one-report"]}
     assert c.get("service", "one-train")["spec"]["clusterIP"] == "None"
     # GitOps tracking labels of the parent never reach the children.
     for kind, name in [("job", "one-train"), ("configmap", "one-spec"), ("service", "one-train")]:
@@ -106,7 +107,7 @@ def test_invalid_spec_fails_naming_every_field_and_creates_nothing(c: Cluster) -
 
 
 def test_queue_orders_by_priority_then_age_and_admits_when_capacity_frees(c: Cluster) -> None:
-    c.run("whole-cluster", gpus=8, nodes=2)
+    whole = c.run("whole-cluster", gpus=8, nodes=2)
     c.wait_phase("whole-cluster", "Running")
     c.run("low-old", gpus=1, priority=0)
     time.sleep(1.1)  # creation timestamps have one-second resolution
@@ -117,8 +118,10 @@ def test_queue_orders_by_priority_then_age_and_admits_when_capacity_frees(c: Clu
     queued = next(x for x in c.status("low-old")["conditions"] if x["type"] == "Queued")
     assert queued["status"] == "True" and "position 2" in queued["message"]
     # The trainer reports what only it knows (a PiSSA export has twice the rank), as its last act.
-    c.kubectl("patch", "-n", c.ns, "lft", "whole-cluster", "--subresource=status", "--type=merge",
-              "-p", '{"status": {"adapter": {"r": 64, "baseModel": "meta-llama/Llama-3.1-8B-Instruct"}}}')
+    adapter = {"r": 64, "baseModel": "meta-llama/Llama-3.1-8B-Instruct",
+               "specHash": spec_hash(LlamaFineTune.model_validate(whole).spec)}
+    c.kubectl("patch", "-n", c.ns, "configmap", "whole-cluster-report", "--type=merge",
+              "-p", json.dumps({"data": {"adapter": json.dumps(adapter)}}))
     c.finish_pods("whole-cluster")
     status = c.wait_phase("whole-cluster", "Succeeded")
     assert status["adapter"]["uri"] == f"pvc://adapters/{c.ns}/whole-cluster/adapter"

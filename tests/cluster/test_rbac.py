@@ -80,13 +80,19 @@ def _expect(ok: bool, what: Callable[[], str]) -> None:
 
 
 def finetune_happy_path(c: Cluster, deadline: float) -> None:
-    """A 1-GPU LlamaFineTune from apply to Succeeded, with the operator's events."""
+    """A 1-GPU LlamaFineTune from apply to Succeeded, its trainer's progress reaching the status on the way (the
+    report ConfigMap, written here as the trainer would), with the operator's events."""
     c.run("happy", gpus=1)
     def phase() -> str:
         return f"phase {c.status('happy').get('phase')}"
 
     _poll(lambda: c.status("happy").get("phase") == "Running", lambda: f"Running ({phase()})", deadline)
     _poll(lambda: c.job("happy"), lambda: "the training Job", deadline)
+    progress = {"step": 3, "totalSteps": 10, "display": "3/10", "loss": 2.5}
+    c.kubectl("patch", "configmap", "-n", c.ns, "happy-report", "--type=merge", "-p",
+              json.dumps({"data": {"progress": json.dumps(progress)}}))
+    _poll(lambda: c.status("happy").get("progress") == progress,
+          lambda: f"the reported progress in the status (got {c.status('happy').get('progress')})", deadline)
     _poll(lambda: [p for p in c.pods("happy") if p["status"].get("phase") == "Running"], lambda: "a running pod",
           deadline)
     c.finish_pods("happy")

@@ -1,8 +1,9 @@
-"""The trainer patches status.progress of its LlamaFineTune on a real API server.
+"""The trainer reports its progress and adapter into its run's report ConfigMap on a real API server.
 
 The trainer runs here as a local process (no pod): KUBECONFIG points it at the
-cluster under test, LLAMAOPS_NAME/NAMESPACE name the object, and
-LLAMAOPS_PVC_ROOT stands in for the claims the pod would mount.
+cluster under test, LLAMAOPS_NAME/NAMESPACE/REPORT name the run and its report,
+and LLAMAOPS_PVC_ROOT stands in for the claims the pod would mount. (The
+operator, absent here, would carry the report into the run's status: test_e2e.)
 """
 
 from __future__ import annotations
@@ -46,13 +47,17 @@ def _manifest(name: str) -> dict:
     }
 
 
+def _report(kubectl, namespace: str, name: str) -> dict:
+    obj = json.loads(kubectl("get", "-n", namespace, "configmap", f"{name}-report", "-o", "json").stdout)
+    return {k: json.loads(v) for k, v in (obj.get("data") or {}).items()}
+
+
 def _progress(kubectl, namespace: str, name: str) -> dict:
-    obj = json.loads(kubectl("get", "-n", namespace, "llamafinetune", name, "-o", "json").stdout)
-    return (obj.get("status") or {}).get("progress") or {}
+    return _report(kubectl, namespace, name).get("progress") or {}
 
 
-def test_trainer_reports_progress_on_the_object(crds, kubectl, kubeconfig: Path, namespace: str,
-                                                tmp_path: Path) -> None:
+def test_trainer_reports_progress_in_its_report(crds, kubectl, kubeconfig: Path, namespace: str,
+                                               tmp_path: Path) -> None:
     pytest.importorskip("torch", reason="needs the trainer extra")
     from llamaops_trainer import tiny
 
@@ -62,10 +67,12 @@ def test_trainer_reports_progress_on_the_object(crds, kubectl, kubeconfig: Path,
     name = "tiny-progress"
     doc = _manifest(name)
     kubectl("apply", "--server-side", "--field-manager=test", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+    kubectl("create", "configmap", "-n", namespace, f"{name}-report")  # the operator makes it at admission
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(doc))
 
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LLAMAOPS_NAME": name, "LLAMAOPS_NAMESPACE": namespace,
+           "LLAMAOPS_REPORT": f"{name}-report",
            "LLAMAOPS_PVC_ROOT": str(root), "LLAMAOPS_DATA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
     env.pop("LLAMAOPS_OUTPUT_DIR", None)
@@ -85,7 +92,7 @@ def test_trainer_reports_progress_on_the_object(crds, kubectl, kubeconfig: Path,
             proc.kill()
     assert proc.returncode == 0, output[-4000:]
 
-    assert seen, "no status.progress while the trainer ran"
+    assert seen, "no progress reported while the trainer ran"
     assert seen[0]["step"] < MAX_STEPS, "progress appeared while training, not only at the end"
     final = _progress(kubectl, namespace, name)
     assert final["step"] == MAX_STEPS and final["totalSteps"] == MAX_STEPS
@@ -93,6 +100,11 @@ def test_trainer_reports_progress_on_the_object(crds, kubectl, kubeconfig: Path,
     assert isinstance(final["loss"], float) and final["loss"] > 0
     assert final["learningRate"] > 0 and final["tokensPerSecond"] > 0 and final["etaSeconds"] == 0
     assert final["updatedAt"].endswith("Z")
+    # The adapter, as only the trainer knows it; and the run's status untouched (the operator's alone).
+    adapter = _report(kubectl, namespace, name)["adapter"]
+    assert adapter["r"] == 8 and adapter["baseModel"] == doc["spec"]["model"]["base_model"] and adapter["specHash"]
+    run = json.loads(kubectl("get", "-n", namespace, "llamafinetune", name, "-o", "json").stdout)
+    assert not run.get("status")
     # Output went where the pod would put it: the output claim's path.
     assert (root / "demo" / "adapters" / name / "adapter" / "COMPLETE").is_file()
     # No credential ever reaches the log.

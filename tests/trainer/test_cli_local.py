@@ -46,7 +46,7 @@ def test_run_local_trains_the_cpu_example(nproc: str, demo_root: Path, tmp_path:
     records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # logging_steps: 1 in the example
     assert f"adapter: {adapter}" in proc.stdout
-    assert "status reporting is off" in proc.stderr
+    assert "progress reporting is off" in proc.stderr
 
     # The curves of that run, from its directory.
     png = tmp_path / "loss.png"

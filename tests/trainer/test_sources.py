@@ -89,8 +89,16 @@ def test_s3_unreachable_endpoint_is_retryable(monkeypatch: pytest.MonkeyPatch, t
 
 
 class Files(http.server.SimpleHTTPRequestHandler):
+    """Static files; those under /private/ only with the right Authorization header."""
+
     def log_message(self, *args: object) -> None:
         pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path.startswith("/private/") and self.headers.get("Authorization") != "Bearer s3cret":
+            self.send_error(401, "Unauthorized")
+            return
+        super().do_GET()
 
 
 @pytest.fixture
@@ -134,3 +142,31 @@ def test_datasets_loader_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     spec = DatasetSpec.model_validate({"huggingFace": {"name": str(local), "split": "train"}})
     records = sources.load_records(spec, WorldInfo())
     assert len(records) == 3 and records[0].value["messages"] == ROW["messages"]
+
+
+def test_http_credentials_come_from_a_secret_and_are_never_printed(
+        file_server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Defect 6: a URL with user:password@ or a signed query reached logs, conditions and Events. Now they are
+    redacted wherever printed, and spec.dataset.http.authSecretRef sends an Authorization header instead."""
+    url, root = file_server
+    monkeypatch.setenv("LLAMAOPS_DATA_CACHE", str(tmp_path / "cache"))
+    (root / "private").mkdir()
+    (root / "private" / "chat.jsonl").write_bytes(_lines(ROW))
+    private = DatasetSpec.model_validate({"http": {"url": f"{url}/private/chat.jsonl",
+                                                    "authSecretRef": {"name": "dl", "key": "authorization"}}})
+    with pytest.raises(BadConfig, match="HTTP 401"):
+        sources.load_records(private, WorldInfo())
+    monkeypatch.setenv("LLAMAOPS_HTTP_AUTHORIZATION", "Bearer s3cret")  # the builder's env, from the Secret
+    assert len(sources.load_records(private, WorldInfo())) == 1
+    monkeypatch.delenv("LLAMAOPS_HTTP_AUTHORIZATION")
+    host = url.split("//")[1]
+    basic = DatasetSpec.model_validate({"http": {"url": f"http://alice:hunter2@{host}/chat.jsonl"}})
+    (root / "chat.jsonl").write_bytes(_lines(ROW, ROW))
+    assert len(sources.load_records(basic, WorldInfo())) == 2  # user:password@ is sent as Basic authentication
+    leaky = DatasetSpec.model_validate({"http": {"url": f"http://alice:hunter2@{host}/gone.jsonl?sig=XYZ123"}})
+    with pytest.raises(BadConfig) as failure:
+        sources.load_records(leaky, WorldInfo())
+    text = str(failure.value) + caplog.text
+    assert f"http://***@{host}/gone.jsonl?***" in text
+    assert "hunter2" not in text and "XYZ123" not in text and "alice" not in text

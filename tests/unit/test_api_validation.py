@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from api_cases import CASES, Case
+from api_cases import CASES, Case, example
 from llamaops.builders.serve import validate_manifest
 
 
@@ -67,3 +67,11 @@ def test_max_lora_rank_must_cover_adapters() -> None:
     result = validate_serve(serve, finetunes={ft.metadata.name: ft})
     assert [p.field for p in result.errors] == ["spec.vllm.max_lora_rank"]
     assert "32, 64" in result.errors[0].message
+
+
+def test_a_refused_url_is_echoed_without_its_credentials() -> None:
+    doc = example("llama-3.1-8b-lora.yaml")
+    doc["spec"]["dataset"] = {"http": {"url": "ftp://alice:hunter2@data.example/chat.jsonl?token=XYZ"}}
+    (problem,) = validate_manifest(doc).errors
+    assert problem.field == "spec.dataset.http.url" and "ftp://***@data.example/chat.jsonl?***" in problem.message
+    assert "hunter2" not in problem.message and "XYZ" not in problem.message

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import yaml
 from api_cases import example
 from llamaops.api import LlamaFineTune
-from llamaops.builders.finetune import Names, adapter_uri, workload
+from llamaops.api.manifests import load_all
+from llamaops.builders.finetune import Names, spec_document, workload
 from llamaops.builders.naming import MAX_JOB_NAME, child_name
 from llamaops.queue import Placement, PolicyConfig, QueuedRun, create
 from llamaops.settings import Settings
@@ -24,7 +27,7 @@ def pod(job: dict) -> dict:
 
 
 def test_names_are_deterministic_and_fit_kubernetes_limits() -> None:
-    assert Names.of("run") == Names("run-spec", "run-trainer", "run-train")
+    assert Names.of("run") == Names("run-spec", "run-trainer", "run-train", "run-report")
     long = "x" * 80
     names = Names.of(long)
     assert len(names.job) <= MAX_JOB_NAME and len(names.spec) <= 63 and names == Names.of(long)
@@ -37,7 +40,7 @@ def test_single_node_run_is_standalone_torchrun() -> None:
     assert ctr["args"][:3] == ["--nnodes=1", "--nproc-per-node=1", "--standalone"]
     assert ctr["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
     assert pod(w.job)["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-        "nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["gpu-node-0"]
+        "nodeSelectorTerms"][0]["matchFields"][0] == {"key": "metadata.name", "operator": "In", "values": ["gpu-node-0"]}
     assert "podAntiAffinity" not in pod(w.job)["affinity"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(w.job)["tolerations"]
 
@@ -53,6 +56,9 @@ def test_multi_node_run_rendezvous_through_pod_zero() -> None:
     assert w.service["spec"]["clusterIP"] == "None" and w.service["spec"]["publishNotReadyAddresses"]
     anti = pod(job)["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
     assert anti["topologyKey"] == "kubernetes.io/hostname"
+    # The nodes admission counted the GPUs on, by name: one term each (a node field selector takes one value).
+    terms = pod(job)["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [n]}]} for n in "ab"]
 
 
 def test_cpu_run_requests_no_gpus_and_tolerates_nothing_extra() -> None:
@@ -78,13 +84,16 @@ def test_children_are_owned_and_never_carry_the_parents_labels() -> None:
     assert [o["kind"] for o in w.in_creation_order()][-1] == "Job"
 
 
-def test_trainer_role_reaches_only_its_own_object() -> None:
+def test_trainer_role_reaches_only_its_report() -> None:
+    """The pod writes its progress and adapter into its report ConfigMap and nothing else: not its run's status."""
     w = workload(lft(), Settings(), Placement())
-    assert w.role["rules"] == [
-        {"apiGroups": ["llamaops.io"], "resources": ["llamafinetunes"], "resourceNames": ["llama31-8b-lora"],
-         "verbs": ["get"]},
-        {"apiGroups": ["llamaops.io"], "resources": ["llamafinetunes/status"], "resourceNames": ["llama31-8b-lora"],
-         "verbs": ["get", "patch"]}]
+    assert w.role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                                "resourceNames": ["llama31-8b-lora-report"], "verbs": ["get", "patch"]}]
+    assert w.report["metadata"]["name"] == "llama31-8b-lora-report" and "data" not in w.report
+    assert w.report["metadata"]["labels"]["app.kubernetes.io/component"] == "report"
+    env = {e["name"]: e.get("value") for e in pod(w.job)["containers"][0]["env"]}
+    assert env["LLAMAOPS_REPORT"] == "llama31-8b-lora-report"
+    assert [m["kind"] for m in w.in_creation_order()][-1] == "Job"
     assert w.role_binding["subjects"] == [{"kind": "ServiceAccount", "name": "llama31-8b-lora-trainer",
                                            "namespace": "team-a"}]
     assert pod(w.job)["serviceAccountName"] == "llama31-8b-lora-trainer"
@@ -121,7 +130,7 @@ def test_spec_configmap_spells_out_every_default() -> None:
 def test_image_override_and_adapter_location() -> None:
     w = workload(lft(), Settings(trainer_image="registry.local/trainer:1"), Placement())
     assert pod(w.job)["containers"][0]["image"] == "registry.local/trainer:1"
-    assert adapter_uri(lft()) == "pvc://adapters/team-a/llama31-8b-lora/adapter"
+    assert lft().adapter_uri() == "pvc://adapters/team-a/llama31-8b-lora/adapter"
 
 
 def test_demo_mode_sends_the_gang_to_the_dev_node_on_cpu() -> None:
@@ -144,3 +153,50 @@ def test_demo_mode_sends_the_gang_to_the_dev_node_on_cpu() -> None:
 
     assert NODE_LABEL == DEV_NODE_KEY and NODE_TAINT["key"] == DEV_NODE_TOLERATION["key"]
     assert NODE_TAINT["effect"] == DEV_NODE_TOLERATION["effect"]
+
+
+def test_names_users_pick_make_valid_services_and_hostnames() -> None:
+    """`8b-lora` and `llama3.1-lora` are legal object names but not DNS labels: the Job (pod hostnames) and its
+    headless Service get a DNS-1035 name, distinct for distinct runs, and the same one every time."""
+    label = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    names = {n: workload(lft(n), Settings(), Placement()) for n in ("8b-lora", "llama3.1-lora", "llama3-1-lora")}
+    for w in names.values():
+        service = w.service["metadata"]["name"]
+        assert label.match(service) and len(service) <= 63, service
+        assert w.job["metadata"]["name"] == service == pod(w.job)["subdomain"]
+        assert label.match(f"{w.job['metadata']['name']}-0") and len(w.job["metadata"]["name"]) <= MAX_JOB_NAME
+    assert len({w.service["metadata"]["name"] for w in names.values()}) == 3
+    assert Names.of("8b-lora") == Names.of("8b-lora") and Names.of("run").job == "run-train"
+
+
+def test_the_spec_document_reads_back_as_written() -> None:
+    """A string YAML would read as a number (a system prompt "1e5", a revision "1e5") stays a string for the
+    trainer: its own config code reads the document the Job mounts."""
+    from llamaops_trainer.config import parse_spec
+
+    run = lft()
+    run.spec.system_prompt = "1e5"
+    run.spec.model.revision = "2e10"
+    doc = yaml.safe_load(spec_document(run))  # what a reader without our resolver sees: still strings
+    assert doc["spec"]["systemPrompt"] == "1e5"
+    parsed = parse_spec(load_all(spec_document(run))[0])
+    assert parsed.spec.system_prompt == "1e5" and parsed.spec.model.revision == "2e10"
+
+
+def test_only_the_gang_itself_reaches_its_pods() -> None:
+    """The rendezvous port and NCCL's (any port) are open to the run's own pods only."""
+    w = workload(lft(nodes=2, gpusPerNode=8), Settings(), Placement(nodes=("a", "b")))
+    gang = {"llamaops.io/finetune": "llama31-8b-lora", "app.kubernetes.io/component": "trainer"}
+    assert w.network_policy["spec"] == {"podSelector": {"matchLabels": gang}, "policyTypes": ["Ingress"],
+                                        "ingress": [{"from": [{"podSelector": {"matchLabels": gang}}]}]}
+    assert gang.items() <= w.job["spec"]["template"]["metadata"]["labels"].items()
+    assert [m["kind"] for m in w.in_creation_order()][-2:] == ["NetworkPolicy", "Job"]
+    assert workload(lft(), Settings(network_policies=False), Placement()).network_policy is None
+
+
+def test_a_download_credential_reaches_the_trainer_from_its_secret_only() -> None:
+    run = lft()
+    run.spec.dataset = run.spec.dataset.model_validate({"http": {"url": "https://data.example/chat.jsonl",
+                                                                 "authSecretRef": {"name": "dl", "key": "auth"}}})
+    env = pod(workload(run, Settings(), Placement()).job)["containers"][0]["env"]
+    assert {"name": "LLAMAOPS_HTTP_AUTHORIZATION", "valueFrom": {"secretKeyRef": {"name": "dl", "key": "auth"}}} in env

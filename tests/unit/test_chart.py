@@ -110,7 +110,8 @@ def test_every_env_var_the_chart_sets_is_a_setting_with_the_same_default(helm: s
     defaults = settings.Settings()
     for field in ("queue_mode", "kueue_default_queue", "trainer_image", "vllm_image", "ollama_image",
                   "adapter_fetch_image", "image_pull_policy", "backfill_limit", "admission_interval",
-                  "model_cache_pvc", "liveness_port"):
+                  "model_cache_pvc", "liveness_port", "allowed_images", "allowed_priority_classes", "max_priority",
+                  "network_policies", "stuck_after", "node_lost_after"):
         if hasattr(defaults, field):
             assert getattr(from_chart, field) == getattr(defaults, field), field
 

@@ -1,12 +1,28 @@
-"""What a run's Job means for the run: the job-outcome decisions, as a table (state.finetune.job_outcome)."""
+"""What a run's Job (and the report its trainer left) means for the run: the job-outcome decisions, as a table
+(state.finetune.job_outcome), and the checks on what a training pod reports."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from api_cases import example
+from llamaops.api import LlamaFineTune
 from llamaops.api.constants import ANNOTATION_RUN_HASH
-from llamaops.api.contract import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_RETRYABLE
+from llamaops.api.contract import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_RETRYABLE, spec_hash
 from llamaops.api.finetune import TrainingResources
-from llamaops.state.finetune import JobView, RunSnapshot, Step, failing_trainer, job_outcome, lost_nodes
+from llamaops.state.finetune import (
+    JobView,
+    PodView,
+    Report,
+    RunSnapshot,
+    Step,
+    completed_adapter,
+    failing_trainer,
+    job_outcome,
+    lost_nodes,
+    stuck_outcome,
+)
 
 H = "hash-1"
 
@@ -113,5 +129,133 @@ def test_a_node_is_lost_when_deleted_or_not_ready_past_the_grace() -> None:
     t0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
     nodes = {"ok": node("True", "2026-01-01T00:00:00Z"), "blip": node("Unknown", "2026-01-01T00:00:00Z"),
              "dead": node("False", "2025-12-31T23:50:00Z")}
-    assert lost_nodes(["ok", "blip", "dead", "deleted"], nodes, now=t0 + 60) == ["dead", "deleted"]
-    assert lost_nodes(["blip"], nodes, now=t0 + 301) == ["blip"]
+    assert lost_nodes(["ok", "blip", "dead", "deleted"], nodes, now=t0 + 60, grace=300) == ["dead", "deleted"]
+    assert lost_nodes(["blip"], nodes, now=t0 + 301, grace=300) == ["blip"]
+
+
+# ---------------------------------------------------------------- the trainer's report
+
+
+def test_a_report_is_read_key_by_key_and_garbage_is_refused_with_why() -> None:
+    good = Report.of({"progress": json.dumps({"step": 5, "totalSteps": 10, "loss": 1.5, "display": "5/10",
+                                              "updatedAt": "2026-01-01T00:00:00Z"}),
+                      "adapter": json.dumps({"baseModel": "m", "r": 16})})
+    assert good.progress_status() == {"step": 5, "totalSteps": 10, "loss": 1.5, "display": "5/10",
+                                      "updatedAt": "2026-01-01T00:00:00Z"}
+    assert good.adapter is not None and good.adapter.r == 16 and good.problems == ()
+    forged = Report.of({"progress": json.dumps({"step": -1, "phase": "Succeeded"}), "adapter": "not json"})
+    assert forged.progress is None and forged.adapter is None and len(forged.problems) == 2
+    assert Report.of(None) == Report()
+
+
+def lft(output: dict, lora: dict | None = None) -> LlamaFineTune:
+    doc = example("llama-3.1-8b-lora.yaml")
+    doc["metadata"].update(name="r", namespace="ml")
+    doc["spec"]["output"] = output
+    doc["spec"]["lora"].update(lora or {})
+    return LlamaFineTune.model_validate(doc)
+
+
+def report(run: LlamaFineTune, **adapter) -> Report:
+    body = {"baseModel": run.spec.model.base_model, "r": 64, "specHash": spec_hash(run.spec), **adapter}
+    return Report.of({"adapter": json.dumps(body)})
+
+
+def test_the_adapter_of_a_pvc_output_is_where_the_operator_says() -> None:
+    run = lft({"pvc": {"claimName": "adapters"}})
+    adapter, why = completed_adapter(run, report(run, uri="s3://elsewhere/x"))
+    assert why == "" and adapter["uri"] == "pvc://adapters/ml/r/adapter" and adapter["r"] == 64
+    # Nothing reported: the rank the spec exports.
+    adapter, _ = completed_adapter(run, Report())
+    assert adapter["r"] == 32 and adapter["systemPrompt"] == run.spec.system_prompt
+    # A report of an earlier spec is not this adapter's.
+    adapter, _ = completed_adapter(run, report(run, specHash="an-earlier-spec"))
+    assert adapter["r"] == 32
+
+
+def test_the_adapter_of_an_s3_output_must_be_reported_under_its_prefix() -> None:
+    run = lft({"s3": {"uri": "s3://team-a/adapters/r/"}}, {"init_lora_weights": "pissa"})
+    adapter, why = completed_adapter(run, report(run, uri="s3://team-a/adapters/r/adapter", r=64))
+    assert why == "" and adapter["uri"] == "s3://team-a/adapters/r/adapter" and adapter["r"] == 64
+    assert completed_adapter(run, Report()) == (None, "the trainer reported no adapter location: the adapter "
+                                                      "cannot be found")
+    adapter, why = completed_adapter(run, report(run, uri="s3://team-b/stolen"))
+    assert adapter is None and "s3://team-b/stolen is not under s3://team-a/adapters/r/" in why
+    adapter, why = completed_adapter(run, report(run, uri="s3://team-a/adapters/r-other/adapter"))
+    assert adapter is None
+
+
+def test_a_completed_job_without_its_adapter_fails_the_run() -> None:
+    outcome = job_outcome(run(), JobView(complete=True), max_restarts=3, external=False,
+                          adapter_missing="the trainer reported no adapter location")
+    assert steps(outcome) == [(Step.FAIL, "AdapterMissing")]
+
+
+# ---------------------------------------------------------------- pods that will never train
+
+
+def pod_view(name: str = "r-train-0", **status) -> PodView:
+    pod = {"metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z"}, "status": status}
+    return PodView.of(pod, "trainer")
+
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+UNSCHEDULABLE = {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                 "lastTransitionTime": "2026-01-01T00:00:00Z",
+                                 "message": "0/3 nodes are available: 2 Insufficient cpu."}]}
+
+
+def test_pod_view_reads_the_scheduler_and_the_kubelet() -> None:
+    view = pod_view(**UNSCHEDULABLE)
+    assert view.unschedulable_since == T0 and "Insufficient cpu" in view.unschedulable
+    pulling = pod_view(containerStatuses=[{"name": "trainer", "state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": "Back-off pulling image \"registry/nope:1\""}}}])
+    assert (pulling.waiting_reason, pulling.unschedulable_since) == ("ImagePullBackOff", None)
+
+
+@pytest.mark.parametrize(("pods", "job_created", "now", "expected"), [
+    ([pod_view(**UNSCHEDULABLE)], T0, T0 + 10, []),  # within the grace
+    ([pod_view(**UNSCHEDULABLE)], T0, T0 + 60, [(Step.REQUEUE, "Unschedulable")]),
+    ([pod_view(containerStatuses=[{"name": "trainer", "state": {"waiting": {"reason": "ErrImagePull"}}}])],
+     T0, T0 + 60, [(Step.FAIL, "ImagePullFailed")]),
+    ([pod_view(containerStatuses=[{"name": "trainer", "state": {"waiting": {
+        "reason": "CreateContainerConfigError", "message": "secret \"hf-token\" not found"}}}])],
+     T0, T0 + 60, [(Step.FAIL, "ContainerConfigError")]),
+    ([pod_view(containerStatuses=[{"name": "trainer", "state": {"waiting": {"reason": "ContainerCreating"}}}])],
+     T0, T0 + 600, []),
+    ([], T0, T0 + 60, [(Step.FAIL, "PodsNotCreated")]),
+    ([], T0, T0 + 10, []),
+    ([pod_view(phase="Running")], T0, T0 + 6000, []),
+], ids=["young", "unschedulable", "image", "config", "creating", "no-pods", "no-pods-young", "healthy"])
+def test_stuck_runs_give_their_gpus_back(pods: list[PodView], job_created: float, now: float,
+                                         expected: list[tuple[Step, str]]) -> None:
+    outcomes = stuck_outcome(run(), pods, job_created, now=now, grace=30, max_restarts=3)
+    assert steps(outcomes) == expected
+    assert all(o.release for o in outcomes if o.step is Step.FAIL)
+
+
+def test_an_unschedulable_run_out_of_restarts_fails_with_the_schedulers_message() -> None:
+    (fail,) = stuck_outcome(run(restarts=3), [pod_view(**UNSCHEDULABLE)], T0, now=T0 + 60, grace=30, max_restarts=3)
+    assert (fail.step, fail.reason, fail.release) == (Step.FAIL, "Unschedulable", True)
+    assert "0/3 nodes are available: 2 Insufficient cpu." in fail.message
+    assert stuck_outcome(run(phase="Queued"), [pod_view(**UNSCHEDULABLE)], T0, now=T0 + 60, grace=30,
+                         max_restarts=3) == []
+
+
+def test_the_watchdog_finds_lost_nodes_and_stuck_pods_from_the_indexes() -> None:
+    from llamaops.handlers.watchdog import decisions
+
+    admitted = ({"type": "Admitted", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},)
+    lost = run(nodes=("gone",), conditions=admitted)
+    stuck = RunSnapshot(namespace="ml", name="s", phase="Admitted", run_hash=H, assigned_nodes=("ok",),
+                        conditions=admitted)
+    fine = RunSnapshot(namespace="ml", name="f", phase="Running", run_hash=H, assigned_nodes=("ok",),
+                       conditions=admitted)
+    nodes = {"ok": {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}}
+    pods = [{"namespace": "ml", "finetune": "s", "view": pod_view("s-train-0", **UNSCHEDULABLE)},
+            {"namespace": "ml", "finetune": "f", "view": pod_view("f-train-0", phase="Running")},
+            {"namespace": "other", "finetune": None, "view": None}]
+    out = decisions([lost, stuck, fine], nodes, pods, now=T0 + 60, stuck_after=30, node_lost_after=30,
+                    external=False)
+    assert {k: steps(v) for k, v in out.items()} == {"ml/r": [(Step.REQUEUE, "NodeLost")],
+                                                     "ml/s": [(Step.REQUEUE, "Unschedulable")]}

@@ -150,14 +150,16 @@ class RecordingKube:
     async def get_finetune(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.runs.get(f"{namespace}/{name}")
 
-    async def apply(self, manifest: dict[str, Any]) -> None:
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         self.applied.append(manifest)
+        return manifest
 
-    async def create(self, manifest: dict[str, Any]) -> bool:
+    async def create(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
         self.created.append(manifest)
-        return True
+        return None
 
-    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any],
+                           resource_version: str | None = None) -> None:
         self.patches.append((f"{namespace}/{name}", status))
 
     async def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -192,7 +194,7 @@ def test_a_policy_registered_here_decides_what_the_admission_pass_creates(monkey
     assert job["metadata"]["name"] == "new-train"
     affinity = job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
     assert affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
-        "matchExpressions"][0]["values"] == ["gpu-a"]
+        "matchFields"][0]["values"] == ["gpu-a"]
     admitted = dict(kube.patches)["ml/new"]
     assert admitted["phase"] == "Admitted" and admitted["assignedNodes"] == ["gpu-a"]
     waiting = dict(kube.patches)["ml/old"]

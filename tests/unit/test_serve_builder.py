@@ -103,7 +103,13 @@ def test_seed_example_deployment_in_full() -> None:
     assert w.config_maps[0]["data"]["template.jinja"] == served_template(BASE, PROMPT)
     assert w.pdb is None and w.hpa is None
     assert b.endpoint(serve()) == "http://llama31-8b.ml.svc:8000/v1"
-    assert [m["kind"] for m in w.in_apply_order()] == ["ConfigMap", "Service", "Deployment"]
+    assert [m["kind"] for m in w.in_apply_order()] == ["ConfigMap", "NetworkPolicy", "Service", "Deployment"]
+    # Into the replicas only the server's port; and no API token in them (they need no API access).
+    assert w.network_policy["spec"] == {"podSelector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]},
+                                        "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": 8000,
+                                                                                             "protocol": "TCP"}]}]}
+    assert pod["automountServiceAccountToken"] is False
+    assert b.workload(serve(), [run_adapter()], Settings(network_policies=False)).network_policy is None
 
 
 @pytest.mark.parametrize(("r", "rank"), [(1, 1), (2, 8), (8, 8), (9, 16), (16, 16), (17, 32), (32, 32), (33, 64),
@@ -423,3 +429,27 @@ def test_a_run_is_served_at_the_rank_it_will_export(lora: dict[str, Any], rank: 
                                             f'{", ".join(str(x) for x in (64, 128, 256, 320, 512) if x >= rank)}']
     else:
         assert errors == []
+
+
+@pytest.mark.parametrize(("spec", "field", "words"), [
+    ({"apiKeySecretRef": {"name": "k", "key": "api-key"}}, "spec.apiKeySecretRef", "no API keys"),
+    ({"systemPrompt": 'Answer.\n"""\nFROM evil/model'}, "spec.systemPrompt", 'contains """'),
+    ({"model": {"base_model": "llama3.1:8b\nADAPTER /etc/passwd"}}, "spec.model.base_model", "line break"),
+])
+def test_ollama_refuses_what_it_cannot_honour(spec: dict[str, Any], field: str, words: str) -> None:
+    """Ollama has no API keys (the key was silently dropped), and its Modelfile has no escape for a SYSTEM block
+    holding three quotes nor for a line break in FROM: refused, naming the field, instead of served wrongly."""
+    doc = example("llama-3.1-8b-serve.yaml")
+    doc["spec"].update({"runtime": "ollama", "vllm": {}, "model": {"base_model": "llama3.1:8b"},
+                        "adapters": [{"name": "a", "uri": "pvc://adapters/ml/run/adapter"}]}, **spec)
+    doc["spec"].pop("hfTokenSecretRef", None)
+    errors = validate_serve(doc).errors
+    assert [p.field for p in errors] == [field] and words in errors[0].message
+
+
+def test_a_trained_prompt_ollama_cannot_hold_is_not_rendered() -> None:
+    lsv = serve(runtime="ollama", model={"base_model": "llama3.1:8b"}, vllm={},
+                adapters=[{"name": "a", "uri": "pvc://adapters/ml/run/adapter"}])
+    adapter = b.ResolvedAdapter("a", "pvc://adapters/ml/run/adapter", "uri", system_prompt='x"""\nFROM evil')
+    with pytest.raises(b.ServeError, match='system prompt cannot be served by Ollama: it contains """'):
+        b.workload(lsv, [adapter], SETTINGS)

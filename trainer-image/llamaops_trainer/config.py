@@ -14,6 +14,7 @@ from llamaops.api.contract import (
     ENV_NAME,
     ENV_NAMESPACE,
     ENV_OUTPUT_DIR,
+    ENV_REPORT,
     ENV_SPEC,
     SPEC_PATH,
     output_subpath,
@@ -35,6 +36,7 @@ class RunConfig:
     spec_hash: str
     # Set when the adapter goes to S3: output_dir is then a local staging area.
     s3_output: Any = None
+    report: str | None = None  # the run's report ConfigMap (progress and adapter), named by the operator
 
 
 def spec_path_from_env() -> str:
@@ -102,7 +104,7 @@ def load(spec_path: str | None = None, output_dir: str | None = None) -> RunConf
     env_name = os.environ.get(ENV_NAME) or None
     env_namespace = os.environ.get(ENV_NAMESPACE) or None
     lft = parse_spec(_pick_document(docs, path, env_name), env_name, env_namespace)
-    # Name/namespace address the status; only the operator's environment names the
+    # Name/namespace/report address the report; only the operator's environment names the
     # object to patch (a manifest's own metadata may describe another cluster).
     name, namespace = env_name, env_namespace
     spec = lft.spec
@@ -124,4 +126,4 @@ def load(spec_path: str | None = None, output_dir: str | None = None) -> RunConf
     elif spec.output.s3 is not None:
         s3_output = spec.output.s3
     return RunConfig(spec=spec, name=name, namespace=namespace, output_dir=Path(out),
-                     spec_hash=spec_hash(spec), s3_output=s3_output)
+                     spec_hash=spec_hash(spec), s3_output=s3_output, report=os.environ.get(ENV_REPORT) or None)

@@ -175,12 +175,11 @@ def _run(args: argparse.Namespace, world: distributed.WorldInfo, stop: Any, stat
     targs = training.training_arguments(spec, checkpoints_dir, world, steps, has_eval=bool(prepared.eval))
 
     reporter = None
-    if world.is_main and cfg.name and cfg.namespace:
-        reporter = progress.StatusReporter(cfg.name, cfg.namespace,
-                                           interval_s=progress_interval())
+    if world.is_main and cfg.report and cfg.namespace:
+        reporter = progress.Reporter(cfg.report, cfg.namespace, interval_s=progress_interval())
         state["reporter"] = reporter
     elif world.is_main:
-        log.info("no name/namespace in the environment: status reporting is off")
+        log.info("no report ConfigMap named in the environment: progress reporting is off")
     progress_cb = progress.ProgressCallback(out / METRICS_FILE if world.is_main else None, reporter)
     stop_cb = checkpoints.StopOnSignalCallback(stop, world)
 
@@ -238,7 +237,8 @@ def _run(args: argparse.Namespace, world: distributed.WorldInfo, stop: Any, stat
             # The adapter's real rank: PiSSA/OLoRA exports are converted to plain LoRA at twice r,
             # and vLLM's --max-lora-rank must cover it.
             rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
-            reported = {"baseModel": spec.model.base_model, "r": rank, "loraAlpha": spec.lora.lora_alpha}
+            reported = {"baseModel": spec.model.base_model, "r": rank, "loraAlpha": spec.lora.lora_alpha,
+                        "specHash": cfg.spec_hash}
             if cfg.s3_output is not None:
                 reported["uri"] = uri
             reporter.report_adapter(reported)

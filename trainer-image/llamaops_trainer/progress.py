@@ -1,9 +1,13 @@
-"""Progress: status.progress on the LlamaFineTune (rank 0) and <output>/metrics.jsonl.
+"""Progress: the run's report ConfigMap (rank 0) and <output>/metrics.jsonl.
 
-Status patches run on a background thread, coalesced to the newest values and
-sent at most every few seconds (plus a final one), so a slow or unreachable API
-server never stalls training. API errors are logged (status code and reason
-only, never credentials) and otherwise ignored.
+The training pod may write one object: its run's report ConfigMap (contract.ENV_REPORT). Rank 0
+puts the latest progress there, and the saved adapter at the end; the operator checks both and
+is the only writer of the LlamaFineTune's status, so a pod can forge nothing the operator trusts.
+
+Patches run on a background thread, coalesced to the newest values and sent at
+most every few seconds (plus a final one), so a slow or unreachable API server
+never stalls training. API errors are logged (status code and reason only,
+never credentials) and otherwise ignored.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llamaops.api.constants import FINETUNES, GROUP, TRAINER_FIELD_MANAGER, VERSION
-from llamaops.api.contract import serviceaccount_dir
+from llamaops.api.constants import TRAINER_FIELD_MANAGER
+from llamaops.api.contract import REPORT_ADAPTER, REPORT_PROGRESS, serviceaccount_dir
 from transformers import TrainerCallback
 
 log = logging.getLogger(__name__)
@@ -48,8 +52,8 @@ def _api_client() -> Any:
     return config.new_client_from_config()  # $KUBECONFIG or ~/.kube/config
 
 
-class StatusReporter:
-    """Patches status.progress of one LlamaFineTune from a daemon thread."""
+class Reporter:
+    """Patches the progress in a run's report ConfigMap `name` from a daemon thread."""
 
     def __init__(self, name: str, namespace: str, interval_s: float = 5.0, timeout_s: float = 10.0) -> None:
         self.name, self.namespace = name, namespace
@@ -94,17 +98,17 @@ class StatusReporter:
                 self._last_sent = time.monotonic()
             self._send(body)
 
+    def _patch(self, api: Any, key: str, value: dict[str, Any]) -> None:
+        api.patch_namespaced_config_map(self.name, self.namespace, {"data": {key: json.dumps(value)}},
+                                        field_manager=TRAINER_FIELD_MANAGER, _request_timeout=self.timeout_s)
+
     def report_adapter(self, adapter: dict[str, Any], attempts: int = 3) -> bool:
-        """status.adapter, at the end: the operator completes it (URI of a PVC output) when the Job completes."""
+        """The saved adapter, at the end: the operator checks it and completes it when the Job completes."""
         from kubernetes import client
 
         for attempt in range(attempts):
             try:
-                api = client.CustomObjectsApi(_api_client())
-                api.patch_namespaced_custom_object_status(
-                    GROUP, VERSION, self.namespace, FINETUNES, self.name, {"status": {"adapter": adapter}},
-                    field_manager=TRAINER_FIELD_MANAGER, _content_type="application/merge-patch+json",
-                    _request_timeout=self.timeout_s)
+                self._patch(client.CoreV1Api(_api_client()), REPORT_ADAPTER, adapter)
                 return True
             except Exception as exc:  # noqa: BLE001 - the adapter is saved; status is a courtesy
                 log.warning("could not report the adapter of %s/%s (%s)", self.namespace, self.name,
@@ -117,18 +121,15 @@ class StatusReporter:
             from kubernetes import client
 
             if self._api is None:
-                self._api = client.CustomObjectsApi(_api_client())
-            self._api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, self.namespace, FINETUNES, self.name, {"status": {"progress": progress}},
-                field_manager=TRAINER_FIELD_MANAGER, _content_type="application/merge-patch+json",
-                _request_timeout=self.timeout_s)
+                self._api = client.CoreV1Api(_api_client())
+            self._patch(self._api, REPORT_PROGRESS, progress)
             self.sent += 1
         except Exception as exc:  # noqa: BLE001 - reporting must never stop training
             self.failures += 1
             status = getattr(exc, "status", None)
             what = f"HTTP {status} {getattr(exc, 'reason', '')}".strip() if status else type(exc).__name__
             if self.failures <= 3 or self.failures % 50 == 0:
-                log.warning("could not update status of %s/%s (%s); training goes on",
+                log.warning("could not report progress to %s/%s (%s); training goes on",
                             self.namespace, self.name, what)
             if status in (401, 403) or not status:
                 self._api = None  # rebuild: credentials may have rotated
@@ -137,7 +138,7 @@ class StatusReporter:
 class ProgressCallback(TrainerCallback):
     """On rank 0: each log record to metrics.jsonl, and progress to the status reporter."""
 
-    def __init__(self, metrics_path: Path | None, reporter: StatusReporter | None) -> None:
+    def __init__(self, metrics_path: Path | None, reporter: Reporter | None) -> None:
         self.metrics_path = metrics_path
         self.reporter = reporter
         self._t0 = time.monotonic()

@@ -8,19 +8,21 @@ network trouble (and S3 credentials the store refuses) is Retryable.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamaops.api.contract import pvc_path
+from llamaops.api.contract import ENV_HTTP_AUTHORIZATION, pvc_path, redact_url
 from llamaops.api.finetune import DatasetSpec
 
 from llamaops_trainer import s3
@@ -82,12 +84,23 @@ def _records_from_files(files: Iterable[Path], root: Path | None = None) -> list
 
 
 def _fetch_http(url: str, sha256: str | None, dest: Path) -> Path:
+    """Downloads once; every message names the URL redacted (no credentials reach logs or the run's status)."""
     if dest.is_file():
         return dest
     tmp = dest.with_name(dest.name + f".{os.getpid()}.part")
     digest = hashlib.sha256()
+    shown = redact_url(url)
+    headers = {"User-Agent": "llamaops-trainer"}
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is not None:  # user:password@ as Basic authentication (urllib would take it for the host)
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        url = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    if os.environ.get(ENV_HTTP_AUTHORIZATION):
+        headers["Authorization"] = os.environ[ENV_HTTP_AUTHORIZATION]  # spec.dataset.http.authSecretRef
     try:
-        req = urllib.request.Request(url, headers={"User-Agent": "llamaops-trainer"})
+        req = urllib.request.Request(url, headers=headers)
         with urllib.request.urlopen(req, timeout=60) as resp, tmp.open("wb") as f:  # noqa: S310 (spec URL)
             while chunk := resp.read(1 << 20):
                 digest.update(chunk)
@@ -95,14 +108,14 @@ def _fetch_http(url: str, sha256: str | None, dest: Path) -> Path:
     except urllib.error.HTTPError as exc:
         tmp.unlink(missing_ok=True)
         if exc.code in (400, 401, 403, 404, 410):
-            raise BadConfig("spec.dataset.http.url", f"HTTP {exc.code} {exc.reason} for {url}") from None
-        raise Retryable(f"downloading {url}: HTTP {exc.code} {exc.reason}") from None
+            raise BadConfig("spec.dataset.http.url", f"HTTP {exc.code} {exc.reason} for {shown}") from None
+        raise Retryable(f"downloading {shown}: HTTP {exc.code} {exc.reason}") from None
     except (TimeoutError, urllib.error.URLError, ConnectionError) as exc:
         tmp.unlink(missing_ok=True)
-        raise Retryable(f"downloading {url}: {exc}") from None
+        raise Retryable(f"downloading {shown}: {str(exc).replace(url, shown)}") from None
     if sha256 and digest.hexdigest() != sha256:
         tmp.unlink(missing_ok=True)
-        raise BadData(f"{url}: SHA-256 is {digest.hexdigest()}, spec.dataset.http.sha256 expects {sha256}")
+        raise BadData(f"{shown}: SHA-256 is {digest.hexdigest()}, spec.dataset.http.sha256 expects {sha256}")
     tmp.replace(dest)
     return dest
 
@@ -158,8 +171,8 @@ def load_records(spec: DatasetSpec, world: WorldInfo) -> list[Record]:
         name = hashlib.sha256(f"{spec.http.url} {spec.http.sha256}".encode()).hexdigest()[:16] + ".jsonl"
         with local_main_first(world):
             path = _fetch_http(spec.http.url, spec.http.sha256, cache_dir() / name)
-        records = list(read_jsonl(path, spec.http.url.rsplit("/", 1)[-1] or spec.http.url))
-        label = spec.http.url
+        label = redact_url(spec.http.url)
+        records = list(read_jsonl(path, label.rsplit("/", 1)[-1] or label))
     elif spec.s3 is not None:
         sub = cache_dir() / ("s3-" + hashlib.sha256(spec.s3.uri.encode()).hexdigest()[:16])
         with local_main_first(world):

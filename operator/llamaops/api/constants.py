@@ -27,6 +27,7 @@ ANNOTATION_RUN_HASH = f"{GROUP}/run-hash"
 ANNOTATION_OWNER = f"{GROUP}/owner"
 # Components (LABEL_COMPONENT values) the handlers watch.
 COMPONENT_TRAINER = "trainer"
+COMPONENT_REPORT = "report"  # the ConfigMap a training pod reports its progress and adapter in
 COMPONENT_SERVER = "server"
 
 # GPUs: the device plugin's extended resource and GPU feature discovery's product label.

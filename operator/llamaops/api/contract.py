@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from llamaops.api.finetune import FineTuneSpec
@@ -24,14 +25,21 @@ TERMINATION_LOG = "/dev/termination-log"  # the container's terminationMessagePa
 
 # Environment the operator sets on training pods.
 ENV_SPEC = "LLAMAOPS_SPEC"
-ENV_NAME = "LLAMAOPS_NAME"  # the LlamaFineTune whose status rank 0 patches
+ENV_NAME = "LLAMAOPS_NAME"  # the LlamaFineTune being trained
 ENV_NAMESPACE = "LLAMAOPS_NAMESPACE"
+# The run's report ConfigMap: the one object rank 0 may write (its Role allows nothing else). The operator
+# reads it, checks it, and is the only writer of the LlamaFineTune's status.
+ENV_REPORT = "LLAMAOPS_REPORT"
+REPORT_PROGRESS = "progress"  # data key: the latest progress, JSON (api.finetune.Progress)
+REPORT_ADAPTER = "adapter"  # data key: the saved adapter, JSON (api.finetune.AdapterReport)
 ENV_PVC_ROOT = "LLAMAOPS_PVC_ROOT"  # overrides PVC_ROOT (local runs, the dev node)
 ENV_OUTPUT_DIR = "LLAMAOPS_OUTPUT_DIR"  # overrides the output directory (local runs)
 # Set by the dev node (llamaops_dev.devnode), whose pods are local processes without the pod's filesystem.
 ENV_SERVICEACCOUNT_DIR = "LLAMAOPS_SERVICEACCOUNT_DIR"  # overrides SERVICEACCOUNT_DIR
 ENV_TERMINATION_LOG = "LLAMAOPS_TERMINATION_LOG"  # overrides TERMINATION_LOG
-# Seconds between rank 0's status patches (default 5): tests of short runs lower it.
+# The Authorization header of an http dataset's download, from the Secret key spec.dataset.http.authSecretRef names.
+ENV_HTTP_AUTHORIZATION = "LLAMAOPS_HTTP_AUTHORIZATION"
+# Seconds between rank 0's report patches (default 5): tests of short runs lower it.
 ENV_PROGRESS_INTERVAL = "LLAMAOPS_PROGRESS_INTERVAL"
 PROGRESS_INTERVAL_S = 5.0
 
@@ -66,6 +74,19 @@ def progress_interval() -> float:
     """Seconds between rank 0's status patches (ValueError when the variable is not a number)."""
     value = os.environ.get(ENV_PROGRESS_INTERVAL)
     return PROGRESS_INTERVAL_S if value is None else float(value)
+
+
+def redact_url(url: str) -> str:
+    """A URL as it may be printed (logs, conditions, Events): no user:password@, no query string (pre-signed
+    URLs carry their signature there), no fragment."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    netloc = f"***@{host}" if "@" in parts.netloc else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
 def pvc_path(claim: str, path: str | None = None, root: str | None = None) -> str:

@@ -6,9 +6,13 @@ from typing import Literal
 
 from pydantic import Field
 
+from llamaops.api.contract import output_subpath
 from llamaops.api.meta import (
+    DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
+    LABEL_KEY_PATTERN,
     KubeModel,
+    LabelValue,
     Quantity,
     Resource,
     SecretKeyRef,
@@ -18,6 +22,8 @@ from llamaops.api.meta import (
     Timestamp,
     Toleration,
     cel,
+    no_parent_rule,
+    pvc_uri_rules,
     section,
     validations,
 )
@@ -29,6 +35,8 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 class ModelSpec(SeedModel):
     """The base model (the seed's `model:` section)."""
+
+    model_config = SeedModel.model_config | {"json_schema_extra": validations(*pvc_uri_rules("base_model"))}
 
     base_model: str = Field(
         min_length=1, max_length=512,
@@ -163,14 +171,21 @@ class TrainingSpec(SeedModel):
 
 
 class PvcSource(KubeModel):
+    model_config = KubeModel.model_config | {"json_schema_extra": validations(no_parent_rule("path"))}
+
     claim_name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="PersistentVolumeClaim name.")
     path: str = Field(min_length=1, max_length=1024, pattern=r"^[^/]",
                       description="Path inside the claim (relative): a JSONL file or a directory of them.")
 
 
 class HttpSource(KubeModel):
-    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2048, description="HTTP(S) URL of a JSONL file.")
+    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2048,
+                     description="HTTP(S) URL of a JSONL file. Credentials in it (user:password@, a signed query) "
+                                 "are never printed, but they are part of the spec: prefer authSecretRef.")
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Expected SHA-256 of the download.")
+    auth_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key whose value is sent as the download's Authorization header (e.g. "
+                          "\"Bearer <token>\"): the credential stays in the Secret.")
 
 
 class S3Location(KubeModel):
@@ -220,16 +235,23 @@ class DatasetSpec(KubeModel):
         return "none"
 
 
+NODE_SELECTOR_KEYS = cel(
+    f"!has(self.nodeSelector) || self.nodeSelector.all(k, k.size() <= 316 && k.matches('{LABEL_KEY_PATTERN}'))",
+    "nodeSelector keys are label keys: [prefix/]name, the name up to 63 characters, alphanumeric at both ends",
+    field_path=".nodeSelector", reason="FieldValueInvalid")
+
+
 class SchedulingSpec(KubeModel):
     """Placement shared by training and serving pods."""
 
-    gpu_product: str | None = Field(
-        None, max_length=63, description="Value of the nvidia.com/gpu.product node label to run on "
-                                         "(e.g. NVIDIA-H100-80GB-HBM3).")
+    model_config = KubeModel.model_config | {"json_schema_extra": validations(NODE_SELECTOR_KEYS)}
+
+    gpu_product: LabelValue | None = Field(
+        None, description="Value of the nvidia.com/gpu.product node label to run on (e.g. NVIDIA-H100-80GB-HBM3).")
     gpu_memory_gb: int | None = Field(
         None, alias="gpuMemoryGB", ge=1, le=4096,
         description="Memory of one GPU, for the memory plan; unset means it is looked up from gpuProduct.")
-    node_selector: dict[str, str] | None = Field(None, description="Extra node labels to match.")
+    node_selector: dict[str, LabelValue] | None = Field(None, max_length=32, description="Extra node labels to match.")
     tolerations: list[Toleration] | None = Field(None, max_length=32)
     cpu: Quantity | None = Field(None, description="CPU request (and limit) per pod.")
     memory: Quantity | None = Field(None, description="Memory request (and limit) per pod.")
@@ -240,6 +262,7 @@ class SchedulingSpec(KubeModel):
 class TrainingResources(SchedulingSpec):
     model_config = SchedulingSpec.model_config | {
         "json_schema_extra": validations(
+            NODE_SELECTOR_KEYS,
             cel("self.nodes == 1 || self.gpusPerNode >= 1",
                 "nodes > 1 needs gpusPerNode >= 1: multi-node training runs on GPUs",
                 field_path=".nodes", reason="FieldValueInvalid"),
@@ -255,6 +278,8 @@ class TrainingResources(SchedulingSpec):
 
 
 class PvcOutput(KubeModel):
+    model_config = KubeModel.model_config | {"json_schema_extra": validations(no_parent_rule("path"))}
+
     claim_name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
     path: str | None = Field(None, max_length=1024, pattern=r"^[^/]",
                              description="Directory inside the claim; unset means <namespace>/<name>.")
@@ -276,8 +301,9 @@ class OutputSpec(KubeModel):
 class QueueSpec(KubeModel):
     priority: int = Field(0, ge=-1000000, le=1000000, description="Higher runs first; ties go to the oldest.")
     name: str | None = Field(
-        None, pattern=DNS_SUBDOMAIN_PATTERN, max_length=253,
-        description="Queue to join: in Kueue mode the LocalQueue of this namespace; in built-in mode informational.")
+        None, pattern=DNS_LABEL_PATTERN, max_length=63,
+        description="Queue to join: in Kueue mode the LocalQueue of this namespace (a Job label carries it, so at "
+                    "most 63 characters); in built-in mode informational.")
 
 
 class FineTuneSpec(KubeModel):
@@ -330,9 +356,20 @@ class Progress(KubeModel):
     updated_at: Timestamp | None = None
 
 
+class AdapterReport(KubeModel):
+    """What the trainer reports of the adapter it saved (its report ConfigMap), checked by the operator."""
+
+    base_model: str = Field(min_length=1, max_length=512)
+    r: int = Field(ge=1, le=4096, description="The exported adapter's largest rank.")
+    lora_alpha: int | None = Field(None, gt=0, le=16384)
+    uri: str | None = Field(None, pattern=r"^s3://[^\s]+$", max_length=2048,
+                            description="Where an S3 output's adapter was uploaded.")
+    spec_hash: str | None = Field(None, max_length=64, description="contract.spec_hash of the spec it was trained "
+                                                                   "from: a report of an earlier spec is ignored.")
+
+
 class AdapterStatus(KubeModel):
-    uri: str | None = Field(None, description="pvc://<claim>/<path> or s3://bucket/prefix of the saved adapter "
-                                              "(the trainer may report the rest before the operator fills it in).")
+    uri: str | None = Field(None, description="pvc://<claim>/<path> or s3://bucket/prefix of the saved adapter.")
     base_model: str
     r: int
     lora_alpha: int | None = None
@@ -355,3 +392,11 @@ class FineTuneStatus(StatusBase):
 
 class LlamaFineTune(Resource[FineTuneSpec, FineTuneStatus]):
     kind: Literal["LlamaFineTune"] = "LlamaFineTune"
+
+    def adapter_uri(self) -> str | None:
+        """Where the trainer leaves the finished adapter of a PVC output (an S3 output reports its own)."""
+        out = self.spec.output
+        if out.pvc is None:
+            return None
+        sub = output_subpath(self.metadata.namespace or "default", self.metadata.name or "", out.pvc.path)
+        return f"pvc://{out.pvc.claim_name}/{sub}/adapter"

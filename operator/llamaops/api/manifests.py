@@ -19,11 +19,18 @@ class _Loader(yaml.SafeLoader):
     pass
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+# The same resolver on both sides: the dumper then quotes a string such as "1e5" that the loader (like kubectl)
+# reads as a number, so a document written here reads back the same.
+for _side in (_Loader, _Dumper):
+    _side.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
 
 
 def load_all(text: str) -> list[dict[str, Any]]:
@@ -33,3 +40,8 @@ def load_all(text: str) -> list[dict[str, Any]]:
 
 def load_file(path: str | Path) -> list[dict[str, Any]]:
     return load_all(Path(path).read_text())
+
+
+def dump(doc: Any) -> str:
+    """YAML that `load_all` reads back as exactly `doc` (strings that look like numbers stay strings)."""
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)

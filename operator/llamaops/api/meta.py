@@ -23,15 +23,26 @@ from llamaops.api.constants import API_VERSION, FINETUNES, GROUP, SERVES, VERSIO
 
 __all__ = ["API_VERSION", "FINETUNES", "GROUP", "SERVES", "VERSION"]  # re-exported: the models' coordinates
 
-# Kubernetes resource.Quantity, as the apimachinery regexp spells it.
+# Kubernetes resource.Quantity, as the apimachinery regexp spells it; an amount of a resource is never negative.
 QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
+AMOUNT_PATTERN = QUANTITY_PATTERN.replace(r"^(\+|-)?", r"^\+?", 1)
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
-Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
+Quantity = Annotated[str, Field(pattern=AMOUNT_PATTERN, max_length=64)]
+# A label's value (nodeSelector values, gpuProduct): at most 63 characters, alphanumeric at both ends.
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]
+# A label's key: an optional DNS-subdomain prefix and "/", then a name like a label value (taint keys too).
+# (Patterns used in CEL rules spell a literal dot [.]: CEL string literals have no escape for it.)
+LABEL_KEY_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                     r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+# A pvc:// location: a claim name (DNS subdomain), "/", a path; no ".." anywhere (no way out of the claim).
+PVC_URI_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/[^/].*)?$"
+PARENT_SEGMENT = r"(^|/)[.][.](/|$)"
 # Strict everywhere else (the API server takes no "2048" for an integer), but
 # timestamps arrive as RFC 3339 strings.
 Timestamp = Annotated[datetime, Field(strict=False)]
@@ -64,6 +75,24 @@ def section(cls: type[BaseModel]) -> Any:
 def validations(*rules: dict[str, Any]) -> dict[str, Any]:
     """`json_schema_extra` carrying CEL rules onto a model's or field's schema."""
     return {"x-kubernetes-validations": list(rules)}
+
+
+def pvc_uri_rules(field: str) -> list[dict[str, Any]]:
+    """CEL rules of a field that may be a pvc:// location: a claim's name, then a path that stays inside it."""
+    pvc = f"has(self.{field}) && self.{field}.startsWith('pvc://')"
+    return [
+        cel(f"!({pvc}) || self.{field}.matches('{PVC_URI_PATTERN}')",
+            "a pvc:// location is pvc://<claim>/<path>, the claim a PersistentVolumeClaim name of this namespace",
+            field_path=f".{field}", reason="FieldValueInvalid"),
+        cel(f"!({pvc}) || !self.{field}.matches('{PARENT_SEGMENT}')",
+            "a pvc:// path may not contain '..'", field_path=f".{field}", reason="FieldValueInvalid"),
+    ]
+
+
+def no_parent_rule(field: str) -> dict[str, Any]:
+    """A CEL rule: a relative path inside a claim never climbs out of it."""
+    return cel(f"!has(self.{field}) || !self.{field}.matches('{PARENT_SEGMENT}')",
+               "the path may not contain '..'", field_path=f".{field}", reason="FieldValueInvalid")
 
 
 class SeedModel(BaseModel):
@@ -100,13 +129,26 @@ class SecretRef(KubeModel):
 
 
 class Toleration(KubeModel):
-    """The core/v1 Toleration, so GPU node taints can be tolerated."""
+    """The core/v1 Toleration, so GPU node taints can be tolerated (with the API server's own pod rules)."""
 
-    key: str | None = Field(None, max_length=316)
+    model_config = KubeModel.model_config | {
+        "json_schema_extra": validations(
+            cel("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "operator Exists matches every value: remove value", field_path=".value", reason="FieldValueInvalid"),
+            cel("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+                "a toleration without a key must have operator Exists (it then tolerates every taint)",
+                field_path=".operator", reason="FieldValueInvalid"),
+            cel("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "tolerationSeconds applies to effect NoExecute only", field_path=".tolerationSeconds",
+                reason="FieldValueInvalid"),
+        )
+    }
+
+    key: str | None = Field(None, max_length=316, pattern=LABEL_KEY_PATTERN)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = Field(None, max_length=63)
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
 
 
 class Condition(KubeModel):

@@ -18,6 +18,7 @@ from llamaops.api.meta import (
     SeedModel,
     StatusBase,
     cel,
+    pvc_uri_rules,
     section,
     validations,
 )
@@ -29,6 +30,8 @@ VLLM_LORA_RANKS: tuple[int, ...] = get_args(LoraRank)
 
 class ServeModelSpec(SeedModel):
     """The base model to serve (the seed's `model:` section)."""
+
+    model_config = SeedModel.model_config | {"json_schema_extra": validations(*pvc_uri_rules("base_model"))}
 
     base_model: str = Field(
         min_length=1, max_length=512,
@@ -77,6 +80,7 @@ class ServeAdapter(KubeModel):
         "json_schema_extra": validations(
             cel("has(self.fineTuneRef) != has(self.uri)", "set exactly one of fineTuneRef or uri",
                 reason="FieldValueRequired"),
+            *pvc_uri_rules("uri"),
         )
     }
 

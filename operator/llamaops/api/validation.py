@@ -18,6 +18,7 @@ import celpy
 from pydantic import BaseModel, ValidationError
 
 from llamaops.api import catalog
+from llamaops.api.contract import redact_url
 from llamaops.api.finetune import LLAMA_PROJECTIONS, LlamaFineTune
 from llamaops.api.memory import TrainingPlan, plan_training
 from llamaops.api.schema import openapi_schema
@@ -107,7 +108,8 @@ def parse_problems(exc: ValidationError, root: type[BaseModel]) -> list[Problem]
         elif err["type"] == "missing":
             msg = "required field is missing"
         else:
-            msg = f"{err['msg']} (got {err['input']!r})" if not isinstance(err["input"], dict) else err["msg"]
+            given = redact_url(err["input"]) if isinstance(err["input"], str) else err["input"]
+            msg = f"{err['msg']} (got {given!r})" if not isinstance(err["input"], dict) else err["msg"]
         problems.append(Problem(path or "(object)", msg))
     return problems
 

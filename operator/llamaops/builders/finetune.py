@@ -1,46 +1,48 @@
 """The training workload of one LlamaFineTune, as manifests.
 
     ConfigMap <name>-spec        the spec the trainer reads
-    ServiceAccount/Role/Binding  <name>-trainer: may get and patch only this object's status
+    ConfigMap <name>-report      the one object the trainer writes: its progress and saved adapter
+    ServiceAccount/Role/Binding  <name>-trainer: may get and patch only the report ConfigMap
     Service <job>                headless: pod 0 is the torchrun master, <job>-0.<job>
     Job <name>-train             Indexed, one pod per node, torchrun per pod
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import yaml
 
 from llamaops.api import LlamaFineTune
 from llamaops.api.constants import (
+    COMPONENT_REPORT,
     COMPONENT_TRAINER,
     DEV_NODE_LABEL,
-    FINETUNES,
-    GROUP,
     HOSTNAME_LABEL,
     KIND_FINETUNE,
+    LABEL_COMPONENT,
 )
 from llamaops.api.contract import (
+    ENV_HTTP_AUTHORIZATION,
     ENV_NAME,
     ENV_NAMESPACE,
+    ENV_REPORT,
     ENV_SPEC,
     HF_HOME,
     NON_RETRYABLE_EXIT_CODES,
     PVC_ROOT,
     SPEC_PATH,
-    output_subpath,
     parse_pvc_uri,
     pvc_path,
     spec_hash,
 )
+from llamaops.api.manifests import dump
 from llamaops.builders.naming import (
     ANNOTATION_RUN_HASH,
     ANNOTATION_SPEC_HASH,
     LABEL_FINETUNE,
     MAX_JOB_NAME,
     child_name,
+    dns_label,
     label_value,
     labels,
     metadata,
@@ -68,10 +70,13 @@ class Names:
     spec: str
     account: str
     job: str
+    report: str
 
     @classmethod
     def of(cls, name: str) -> Names:
-        return cls(child_name(name, "spec"), child_name(name, "trainer"), child_name(name, "train", MAX_JOB_NAME))
+        # The Job names its pods' hostnames and its headless Service: a DNS label, whatever the run's name.
+        return cls(child_name(name, "spec"), child_name(name, "trainer"),
+                   child_name(dns_label(name), "train", MAX_JOB_NAME), child_name(name, COMPONENT_REPORT))
 
 
 @dataclass
@@ -82,11 +87,13 @@ class Workload:
     role_binding: dict[str, Any]
     service: dict[str, Any]
     job: dict[str, Any]
-    extra: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any]
+    network_policy: dict[str, Any] | None = None
 
     def in_creation_order(self) -> list[dict[str, Any]]:
         """The Job last, so its pods find everything they mount and use."""
-        return [self.config_map, self.service_account, self.role, self.role_binding, self.service, self.job]
+        return [self.config_map, self.report, self.service_account, self.role, self.role_binding, self.service,
+                *(x for x in (self.network_policy,) if x), self.job]
 
 
 def _meta(lft: LlamaFineTune, name: str, component: str, **kw: Any) -> dict[str, Any]:
@@ -103,16 +110,7 @@ def spec_document(lft: LlamaFineTune) -> str:
                      "generation": lft.metadata.generation},
         "spec": lft.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
-    return yaml.safe_dump(doc, sort_keys=False)
-
-
-def adapter_uri(lft: LlamaFineTune) -> str | None:
-    """Where the trainer leaves the finished adapter (pvc output; S3 output reports its own)."""
-    out = lft.spec.output
-    if out.pvc is None:
-        return None
-    sub = output_subpath(lft.metadata.namespace or "default", lft.metadata.name or "", out.pvc.path)
-    return f"pvc://{out.pvc.claim_name}/{sub}/adapter"
+    return dump(doc)
 
 
 def _claims(lft: LlamaFineTune) -> dict[str, bool]:
@@ -128,17 +126,21 @@ def _claims(lft: LlamaFineTune) -> dict[str, bool]:
     return claims
 
 
-def _env(lft: LlamaFineTune) -> list[dict[str, Any]]:
+def _env(lft: LlamaFineTune, names: Names) -> list[dict[str, Any]]:
     spec = lft.spec
     env: list[dict[str, Any]] = [
         {"name": ENV_NAME, "value": lft.metadata.name},
         {"name": ENV_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": ENV_REPORT, "value": names.report},
         {"name": ENV_SPEC, "value": SPEC_PATH},
         {"name": "HF_HOME", "value": HF_HOME},
         *({"name": k, "value": v} for k, v in TRAINER_ENV.items()),
     ]
     if spec.hf_token_secret_ref is not None:
         env.append(secret_env("HF_TOKEN", spec.hf_token_secret_ref.name, spec.hf_token_secret_ref.key))
+    auth = spec.dataset.http.auth_secret_ref if spec.dataset.http is not None else None
+    if auth is not None:
+        env.append(secret_env(ENV_HTTP_AUTHORIZATION, auth.name, auth.key))
     s3 = spec.dataset.s3 or spec.output.s3
     for loc in (spec.dataset.s3, spec.output.s3):
         if loc is not None and loc.credentials_secret is not None:
@@ -184,10 +186,11 @@ def _resources(lft: LlamaFineTune, gpus: int) -> dict[str, Any]:
 def _affinity(lft: LlamaFineTune, placement: Placement) -> dict[str, Any] | None:
     affinity: dict[str, Any] = {}
     if placement.nodes:
-        # Exactly the nodes the queue counted the GPUs on.
+        # Exactly the nodes the queue counted the GPUs on, by their names (a node's hostname label may differ);
+        # a node field selector takes one value, so one term (ORed) per node.
         affinity["nodeAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchExpressions": [{"key": HOSTNAME_LABEL, "operator": "In",
-                                   "values": sorted(placement.nodes)}]}]}}
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+            for node in sorted(placement.nodes)]}}
     if lft.spec.resources.nodes > 1:
         affinity["podAntiAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [{
             "labelSelector": {"matchLabels": {LABEL_FINETUNE: label_value(lft.metadata.name or "")}},
@@ -229,7 +232,7 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
         "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
         "command": launch_command(),
         "args": torchrun_args(res.nodes, max(gpus, 1), names.job),
-        "env": _env(lft),
+        "env": _env(lft, names),
         "ports": [{"name": "rdzv", "containerPort": MASTER_PORT}],
         "resources": _resources(lft, gpus),
         "volumeMounts": mounts,
@@ -298,14 +301,13 @@ def workload(lft: LlamaFineTune, settings: Settings, placement: Placement) -> Wo
                   "metadata": _meta(lft, names.spec, "spec"),
                   "data": {SPEC_PATH.rsplit("/", 1)[1]: spec_document(lft)}}
     account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(lft, names.account, COMPONENT_TRAINER)}
+    # Only its report: the run's status is the operator's alone (a pod could otherwise forge its phase,
+    # its restarts, its adapter, or the nodes admission counts as taken).
+    report = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(lft, names.report, COMPONENT_REPORT)}
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": _meta(lft, names.account, COMPONENT_TRAINER),
-            "rules": [
-                {"apiGroups": [GROUP], "resources": [FINETUNES], "resourceNames": [name],
-                 "verbs": ["get"]},
-                {"apiGroups": [GROUP], "resources": [f"{FINETUNES}/status"], "resourceNames": [name],
-                 "verbs": ["get", "patch"]},
-            ]}
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [names.report],
+                       "verbs": ["get", "patch"]}]}
     binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                "metadata": _meta(lft, names.account, COMPONENT_TRAINER),
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.account},
@@ -315,4 +317,11 @@ def workload(lft: LlamaFineTune, settings: Settings, placement: Placement) -> Wo
                         "selector": {LABEL_FINETUNE: label_value(name),
                                      "batch.kubernetes.io/job-name": names.job},
                         "ports": [{"name": "rdzv", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
-    return Workload(config_map, account, role, binding, service, job(lft, settings, placement))
+    # Into the training pods only their gang's own traffic: the rendezvous port and NCCL's (any port).
+    gang = {LABEL_FINETUNE: label_value(name), LABEL_COMPONENT: COMPONENT_TRAINER}
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": _meta(lft, names.job, "rendezvous"),
+              "spec": {"podSelector": {"matchLabels": gang}, "policyTypes": ["Ingress"],
+                       "ingress": [{"from": [{"podSelector": {"matchLabels": gang}}]}]}}
+    return Workload(config_map, account, role, binding, service, job(lft, settings, placement), report,
+                    policy if settings.network_policies else None)

@@ -9,6 +9,7 @@ app.kubernetes.io/instance) and would prune copies as their own.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,9 @@ from llamaops.api.constants import (
 )
 
 __all__ = ["ANNOTATION_OWNER", "ANNOTATION_RUN_HASH", "ANNOTATION_SPEC_HASH", "LABEL_COMPONENT", "LABEL_FINETUNE",
-           "LABEL_SERVE", "MANAGED_BY", "child_name", "controller_of", "label_value", "labels", "metadata",
+           "LABEL_SERVE", "MANAGED_BY", "child_name", "controller_of", "controller_ref", "dns_label", "label_value",
+           "labels",
+           "metadata",
            "owner_reference"]
 MAX_LABEL = 63
 # Indexed Job pods are named and hostnamed <job>-<index>: leave room for the index.
@@ -47,6 +50,18 @@ def child_name(owner: str, suffix: str, limit: int = MAX_LABEL) -> str:
     return _fit(owner, suffix, limit)
 
 
+def dns_label(name: str) -> str:
+    """`name` as a DNS-1035 label start (what a Service's name, and a pod hostname, must be): lowercase letters,
+    digits and '-', a letter first. Object names may start with a digit or hold dots (`8b-lora`,
+    `llama3.1-lora`); such a name is mapped, with a hash of it, so that two names never map to one."""
+    safe = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    if not safe[:1].isalpha():
+        safe = f"r-{safe}"
+    if safe == name:
+        return name
+    return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
+
+
 def label_value(value: str) -> str:
     return _fit(value, "", MAX_LABEL)
 
@@ -65,12 +80,18 @@ def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
             "controller": True, "blockOwnerDeletion": True}
 
 
-def controller_of(body: Mapping[str, Any], kind: str) -> str | None:
-    """The name of the `kind` object that controls `body` (its controller owner reference), if any."""
+def controller_ref(body: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    """The controller owner reference of `body` to a `kind` object, if it has one."""
     for ref in body["metadata"].get("ownerReferences") or []:
         if ref.get("kind") == kind and ref.get("controller"):
-            return ref["name"]
+            return ref
     return None
+
+
+def controller_of(body: Mapping[str, Any], kind: str) -> str | None:
+    """The name of the `kind` object that controls `body`, if any."""
+    ref = controller_ref(body, kind)
+    return ref["name"] if ref is not None else None
 
 
 def metadata(name: str, namespace: str, owner_kind: str, owner: str, uid: str, lbls: dict[str, str],

@@ -3,4 +3,4 @@
 Importing this package registers the handlers with kopf.
 """
 
-from llamaops.handlers import admission, finetune, jobs, serve  # noqa: F401
+from llamaops.handlers import admission, finetune, jobs, reports, serve, watchdog  # noqa: F401

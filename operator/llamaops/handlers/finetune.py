@@ -10,11 +10,20 @@ import kopf
 from llamaops import metrics
 from llamaops import status as st
 from llamaops.api import LlamaFineTune
-from llamaops.api.constants import FINETUNES, GROUP, VERSION
+from llamaops.api.constants import FINETUNES, GROUP, KIND_FINETUNE, VERSION
 from llamaops.api.validation import validate_finetune
 from llamaops.builders.finetune import Names
 from llamaops.handlers.runtime import Runtime, in_scope, runtime
-from llamaops.handlers.workload import create_workload, manifest, patch_status, placement, remove_job
+from llamaops.handlers.workload import (
+    WorkloadConflict,
+    create_workload,
+    fail_conflict,
+    manifest,
+    patch_status,
+    placement,
+    remove_job,
+    remove_report,
+)
 from llamaops.state.finetune import Action, RunSnapshot, State, decide, run_hash
 
 
@@ -31,35 +40,53 @@ def finetune_index(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
 @kopf.on.update(GROUP, VERSION, FINETUNES, field="spec", when=in_scope)
 @kopf.on.resume(GROUP, VERSION, FINETUNES, when=in_scope)
 @metrics.count_errors("reconcile")
-async def reconcile(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, reason: kopf.Reason,
-                    logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
+async def reconcile(meta: kopf.Meta, reason: kopf.Reason, logger: logging.Logger, memo: kopf.Memo,
+                    **_: Any) -> None:
     rt = runtime(memo)
     rt.indexes_ready.set()
+    # One writer per run: admission and the Job handler take the same lock, and all read the run afresh
+    # under it, so none acts on a status another has just changed.
+    async with rt.lock(KIND_FINETUNE, meta["namespace"], meta["name"]):
+        body = await rt.kube.get_finetune(meta["namespace"], meta["name"])
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            await _reconcile(rt, body, reason == kopf.Reason.RESUME, logger)
+        except WorkloadConflict as exc:
+            await fail_conflict(rt, body, exc)
+
+
+async def _reconcile(rt: Runtime, body: dict[str, Any], resumed: bool, logger: logging.Logger) -> None:
+    meta, status = body["metadata"], body.get("status") or {}
     generation = meta.get("generation")
     conditions = list(status.get("conditions") or [])
     result = validate_finetune(manifest(body))
     lft = cast(LlamaFineTune, result.obj) if result.ok else None
+    # A valid spec may still ask for what the platform does not allow (an image, a priority class, a priority).
+    refused = rt.settings.spec_policy().finetune(lft) if lft is not None else []
+    problems, why = (result.errors, "InvalidSpec") if not result.ok else (refused, "PolicyViolation")
+    lft = lft if not refused else None
     state = State(
-        phase=status.get("phase"), valid=result.ok, suspend=bool(body["spec"].get("suspend")),
-        run_hash=run_hash(lft.spec) if lft else "", status_run_hash=status.get("runHash"),
-        resumed=reason == kopf.Reason.RESUME,
+        phase=status.get("phase"), valid=lft is not None, suspend=bool(body["spec"].get("suspend")),
+        run_hash=run_hash(lft.spec) if lft else "", status_run_hash=status.get("runHash"), resumed=resumed,
     )
     action = decide(state)
     logger.debug("phase %s -> %s", state.phase, action.value)
 
     if action is Action.REJECT:
-        errors = "; ".join(str(p) for p in result.errors)
-        conditions = st.set_condition(conditions, st.VALID, False, "InvalidSpec", errors, generation)
-        conditions = st.set_condition(conditions, st.FAILED, True, "InvalidSpec", errors, generation)
+        errors = "; ".join(str(p) for p in problems)
+        conditions = st.set_condition(conditions, st.VALID, False, why, errors, generation)
+        conditions = st.set_condition(conditions, st.FAILED, True, why, errors, generation)
         await rt.kube.patch_status(FINETUNES, meta["namespace"], meta["name"], {
             "phase": "Failed", "conditions": conditions, "observedGeneration": generation,
             "queuePosition": None, "runHash": None, "assignedNodes": None})
-        await rt.kube.delete_job(meta["namespace"], Names.of(meta["name"]).job)
-        await rt.kube.event(body, "Warning", reason="InvalidSpec", message=errors)
+        await rt.kube.delete_owned("Job", meta["namespace"], Names.of(meta["name"]).job, meta.get("uid"))
+        await rt.kube.event(body, "Warning", reason=why, message=errors)
         return
     assert lft is not None
     warnings = "; ".join(str(p) for p in result.warnings)
     conditions = st.set_condition(conditions, st.VALID, True, "Validated", warnings, generation)
+    conditions = st.clear_condition(conditions, st.CONFLICT, "Resolved", generation)
 
     if action is Action.SUSPEND:
         # Status first: the Job's deletion event must find the run no longer active.
@@ -87,11 +114,14 @@ async def reconcile(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, reaso
     conditions = st.clear_condition(conditions, st.FAILED, "Requeued", generation)
     conditions = st.set_condition(conditions, st.ADMITTED, False, "Queued", "waiting for admission", generation)
     conditions = st.set_condition(conditions, st.QUEUED, True, "Queued", "waiting for GPUs", generation)
+    # The adapter of an earlier spec is not this spec's: nothing of it may be merged into the next completion.
     new_status: dict[str, Any] = {"phase": "Queued", "conditions": conditions, "observedGeneration": generation,
-                                  "runHash": None, "assignedNodes": None, "jobName": None}
+                                  "runHash": None, "assignedNodes": None, "jobName": None, "adapter": None}
     if state.status_run_hash != state.run_hash:
         new_status["restarts"] = 0
     await patch_status(rt, lft, new_status)
+    if state.status_run_hash and state.status_run_hash != state.run_hash:
+        await remove_report(rt, lft)  # what the trainer reported of the earlier spec goes with it
     if await remove_job(rt, lft):
         await rt.kube.event(body, "Normal", reason="SpecChanged", message="the spec changed: the run restarts with the new spec")
     await submit(rt, lft, body, state.run_hash)

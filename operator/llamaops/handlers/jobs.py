@@ -24,12 +24,24 @@ from llamaops.api.constants import (
     LABEL_MANAGED_BY,
     MANAGED_BY,
 )
-from llamaops.builders.finetune import CONTAINER, adapter_uri
+from llamaops.builders.finetune import CONTAINER, Names
 from llamaops.builders.naming import controller_of
 from llamaops.handlers.finetune import submit
 from llamaops.handlers.runtime import Runtime, runtime
-from llamaops.handlers.workload import create_workload, parse, placement
-from llamaops.state.finetune import JobView, Outcome, RunSnapshot, Step, failing_trainer, job_outcome, lost_nodes
+from llamaops.handlers.workload import WorkloadConflict, create_workload, fail_conflict, parse, placement
+from llamaops.state.finetune import (
+    ACTIVE,
+    DONE,
+    JobView,
+    Outcome,
+    Report,
+    RunSnapshot,
+    Step,
+    completed_adapter,
+    failing_trainer,
+    job_outcome,
+    lost_nodes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +66,12 @@ async def job_event(type: str, body: kopf.Body, namespace: str, memo: kopf.Memo,
     owner = controller_of(body, KIND_FINETUNE)
     if owner is None or not rt.in_scope(namespace):
         return
+    async with rt.lock(KIND_FINETUNE, namespace, owner):  # one writer per run: reconcile and admission wait
+        await _job_changed(rt, type, body, namespace, owner, node_index, logger)
+
+
+async def _job_changed(rt: Runtime, type: str, body: kopf.Body, namespace: str, owner: str,  # noqa: A002
+                       node_index: kopf.Index, logger: logging.Logger) -> None:
     lft_body = await rt.kube.get_finetune(namespace, owner)
     if lft_body is None or lft_body["metadata"].get("deletionTimestamp"):
         return  # the run is going away (a foreground deletion removes its Job first): nothing to restore
@@ -62,18 +80,42 @@ async def job_event(type: str, body: kopf.Body, namespace: str, memo: kopf.Memo,
     if not job.current:
         return  # a Job of an older spec, on its way out
     lft = parse(lft_body)
-    lost = lost_nodes(run.assigned_nodes, _nodes(node_index), time.time()) if run.assigned_nodes else []
-    outcomes = job_outcome(run, job, max_restarts=lft.spec.max_restarts, external=rt.policy.external, lost=lost)
+    lost = lost_nodes(run.assigned_nodes, _nodes(node_index), time.time(), rt.settings.node_lost_after) \
+        if run.assigned_nodes else []
+    adapter, missing = None, ""
+    if job.complete and run.phase not in DONE:
+        # What the trainer reported, read now: its last write came before its pod ended.
+        report = await rt.kube.get("ConfigMap", namespace, Names.of(run.name).report)
+        adapter, missing = completed_adapter(lft, Report.of((report or {}).get("data")))
+    outcomes = job_outcome(run, job, max_restarts=lft.spec.max_restarts, external=rt.policy.external, lost=lost,
+                           adapter_missing=missing)
     if job.failed and not job.deleted and outcomes and not rt.first_failure(body["metadata"]["uid"]):
         return  # this Job's failure was acted on already (its FailureTarget, now its Failed condition)
     conditions = list(run.conditions)
     for outcome in outcomes:
         logger.info("training Job %s: %s %s", body["metadata"]["name"], outcome.step.value, outcome.message)
-        conditions = await _carry_out(rt, outcome, lft, lft_body, run, body, conditions)
+        conditions = await _carry_out(rt, outcome, lft, lft_body, run, body, conditions, adapter)
+
+
+async def carry_out(rt: Runtime, namespace: str, name: str, run_hash: str | None, outcomes: list[Outcome]) -> None:
+    """Outcomes decided from the indexes (the watchdog), carried out under the run's lock on the run read afresh,
+    if it is still the same admitted run."""
+    async with rt.lock(KIND_FINETUNE, namespace, name):
+        lft_body = await rt.kube.get_finetune(namespace, name)
+        if lft_body is None or lft_body["metadata"].get("deletionTimestamp"):
+            return
+        run = RunSnapshot.of(lft_body)
+        if run.phase not in ACTIVE or run.run_hash != run_hash:
+            return  # it moved on meanwhile
+        job = {"metadata": {"name": Names.of(name).job, "namespace": namespace}}
+        conditions = list(run.conditions)
+        for outcome in outcomes:
+            conditions = await _carry_out(rt, outcome, parse(lft_body), lft_body, run, job, conditions, None)
 
 
 async def _carry_out(rt: Runtime, o: Outcome, lft: LlamaFineTune, lft_body: dict[str, Any], run: RunSnapshot,
-                     job: kopf.Body, conditions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                     job: kopf.Body, conditions: list[dict[str, Any]],
+                     adapter: dict[str, Any] | None) -> list[dict[str, Any]]:
     """One step of a job outcome; returns the conditions as they now are."""
     gen = lft_body["metadata"].get("generation")
     status = lft_body.get("status") or {}
@@ -82,15 +124,12 @@ async def _carry_out(rt: Runtime, o: Outcome, lft: LlamaFineTune, lft_body: dict
         await rt.kube.patch_status(FINETUNES, run.namespace, run.name, new)
 
     if o.step is Step.RECREATE:  # a gang restart, or someone deleted it: the run goes on
-        await create_workload(rt, lft, placement(rt, run))
+        try:
+            await create_workload(rt, lft, placement(rt, run))
+        except WorkloadConflict as exc:
+            await fail_conflict(rt, lft_body, exc)
     elif o.step is Step.SUCCEED:
-        # The trainer reports what only it knows (the adapter's real rank, an S3 location);
-        # the operator fills in the rest.
-        reported = status.get("adapter") or {}
-        adapter = {"baseModel": lft.spec.model.base_model, "r": lft.spec.lora.exported_rank,
-                   "loraAlpha": lft.spec.lora.lora_alpha, **reported, "uri": reported.get("uri") or adapter_uri(lft) or ""}
-        if lft.spec.system_prompt:
-            adapter["systemPrompt"] = lft.spec.system_prompt
+        assert adapter is not None  # completed_adapter found it, else the outcome is AdapterMissing
         conditions = st.set_condition(conditions, st.RUNNING, False, o.reason, "", gen)
         conditions = st.set_condition(conditions, st.SUCCEEDED, True, o.reason, f"adapter at {adapter['uri']}", gen)
         await patch({"phase": "Succeeded", "conditions": conditions, "adapter": adapter,
@@ -102,6 +141,8 @@ async def _carry_out(rt: Runtime, o: Outcome, lft: LlamaFineTune, lft_body: dict
         conditions = st.set_condition(conditions, st.RUNNING, False, o.reason, o.message, gen)
         conditions = st.set_condition(conditions, st.FAILED, True, o.reason, o.message, gen)
         await patch({"phase": "Failed", "conditions": conditions, "completionTime": st.now(), "assignedNodes": None})
+        if o.release:  # its pods still hold, or wait for, GPUs (a failed trainer's Job is kept, for its logs)
+            await rt.kube.delete_owned("Job", run.namespace, job["metadata"]["name"], run.uid)
         metrics.finished(status, "Failed")
         await rt.kube.event(lft_body, "Warning", reason=o.reason, message=o.message[:1024])
         rt.wake.set()
@@ -110,7 +151,7 @@ async def _carry_out(rt: Runtime, o: Outcome, lft: LlamaFineTune, lft_body: dict
         # Same phase and run hash: the Job's deletion event recreates it.
         await patch({"restarts": o.restarts, "conditions": conditions})
         await rt.kube.event(lft_body, "Warning", reason=o.reason, message=f"restarting the gang: {o.message}"[:1024])
-        await rt.kube.delete_job(run.namespace, job["metadata"]["name"])
+        await rt.kube.delete_owned("Job", run.namespace, job["metadata"]["name"], run.uid)
     elif o.step is Step.REQUEUE:
         # Queued first: the Job's deletion event must find the run no longer active.
         conditions = st.set_condition(conditions, st.RUNNING, False, o.reason, o.message, gen)
@@ -118,9 +159,12 @@ async def _carry_out(rt: Runtime, o: Outcome, lft: LlamaFineTune, lft_body: dict
         conditions = st.set_condition(conditions, st.QUEUED, True, o.reason, o.message, gen)
         await patch({"phase": "Queued", "restarts": o.restarts, "conditions": conditions, "assignedNodes": None})
         await rt.kube.event(lft_body, "Warning", reason=o.reason, message=o.message[:1024])
-        await rt.kube.delete_job(run.namespace, job["metadata"]["name"])
+        await rt.kube.delete_owned("Job", run.namespace, job["metadata"]["name"], run.uid)
         if rt.policy.external:
-            await submit(rt, lft, lft_body, run.run_hash or "")
+            try:
+                await submit(rt, lft, lft_body, run.run_hash or "")
+            except WorkloadConflict as exc:
+                await fail_conflict(rt, lft_body, exc)
         rt.wake.set()
     elif o.step is Step.EVICT:
         conditions = st.set_condition(conditions, st.RUNNING, False, o.reason, o.message, gen)

@@ -8,7 +8,8 @@ see this one object.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, defaultdict
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,10 @@ class Runtime:
     # one to run opens the admission loop, so it never sees half-listed capacity.
     indexes_ready: asyncio.Event = field(default_factory=asyncio.Event)
     overtaken: dict[str, int] = field(default_factory=dict)
-    # One lock per LlamaServe, so two triggers of one object never interleave.
-    serve_locks: defaultdict[tuple[str, str], asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    # One writer per object at a time (a run's reconcile, admission, Job and report handlers; a serve's
+    # triggers): a lock per (kind, namespace, name), dropped once nobody holds or waits for it.
+    _locks: weakref.WeakValueDictionary[tuple[str, str, str], asyncio.Lock] = field(
+        default_factory=weakref.WeakValueDictionary)
     # What a referenced run last looked like ((phase, adapter, completion) by (namespace, name)): its
     # events re-reconcile the serves that use it only when that changes, not on every progress patch.
     seen_runs: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -48,6 +51,14 @@ class Runtime:
         while len(self.failed_jobs) > FAILED_JOBS_KEPT:
             self.failed_jobs.popitem(last=False)
         return True
+
+    def lock(self, kind: str, namespace: str, name: str) -> asyncio.Lock:
+        """The object's lock: `async with rt.lock(...)` around reading it, deciding and writing."""
+        key = (kind, namespace, name)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
 
     @classmethod
     def start(cls, settings: Settings, kube: Kube) -> Runtime:

@@ -39,6 +39,7 @@ from llamaops.builders import serve as b
 from llamaops.builders.naming import controller_of
 from llamaops.handlers.runtime import Runtime, in_scope, runtime
 from llamaops.handlers.workload import manifest
+from llamaops.kube import NotOwned
 from llamaops.state.serve import resolve, rollout_phase
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ async def _fail(rt: Runtime, body: dict[str, Any], conditions: list[dict[str, An
 
 
 async def reconcile(rt: Runtime, namespace: str, name: str) -> None:
-    async with rt.serve_locks[(namespace, name)]:
+    async with rt.lock(KIND_SERVE, namespace, name):
         await _reconcile(rt, namespace, name)
 
 
@@ -118,6 +119,10 @@ async def _reconcile(rt: Runtime, namespace: str, name: str) -> None:
         return
     lsv = result.obj
     assert isinstance(lsv, LlamaServe)
+    refused = rt.settings.spec_policy().serve(lsv)  # what the platform does not allow (an image, a priority class)
+    if refused:
+        await _fail(rt, body, conditions, "PolicyViolation", "; ".join(str(p) for p in refused), gen, valid=False)
+        return
     warnings = "; ".join(str(p) for p in result.warnings)
     conditions = st.set_condition(conditions, st.VALID, True, "Validated", warnings, gen)
 
@@ -138,20 +143,27 @@ async def _reconcile(rt: Runtime, namespace: str, name: str) -> None:
         return
 
     dep: dict[str, Any] = w.deployment
-    for manifest_ in w.in_apply_order():
-        if manifest_ is w.deployment:
-            dep = await rt.kube.apply_returning(manifest_)
-        else:
-            await rt.kube.apply(manifest_)
-    n = b.names(lsv)
+    try:
+        for manifest_ in w.in_apply_order():
+            applied = await rt.kube.apply(manifest_)
+            if manifest_ is w.deployment:
+                dep = applied  # with its status: no extra read
+    except NotOwned as exc:
+        await _fail(rt, body, st.set_condition(conditions, st.CONFLICT, True, "NotOwned", str(exc), gen),
+                    "Conflict", str(exc), gen, valid=True)
+        return
+    conditions = st.clear_condition(conditions, st.CONFLICT, "Resolved", gen)
+    # What the spec no longer asks for goes, if it is this serve's: an object of that name it does not
+    # control is left alone.
+    n, uid = b.names(lsv), meta.get("uid")
     if w.pdb is None:
-        await rt.kube.delete("PodDisruptionBudget", namespace, n["deployment"])
+        await rt.kube.delete_owned("PodDisruptionBudget", namespace, n["deployment"], uid)
     if w.hpa is None:
-        await rt.kube.delete("HorizontalPodAutoscaler", namespace, n["deployment"])
+        await rt.kube.delete_owned("HorizontalPodAutoscaler", namespace, n["deployment"], uid)
     kept = {cm["metadata"]["name"] for cm in w.config_maps}
     for cm in b.config_map_names(lsv):  # every runtime's: a runtime switch leaves the other's behind
         if cm not in kept:
-            await rt.kube.delete("ConfigMap", namespace, cm)
+            await rt.kube.delete_owned("ConfigMap", namespace, cm, uid)
 
     served = ", ".join(f"{a.name}={a.uri}" for a in adapters) or "the base model only"
     new_adapters = [a.status() for a in adapters]
@@ -183,7 +195,7 @@ def _rollout_status(body: dict[str, Any], dep: dict[str, Any], conditions: list[
 
 async def refresh(rt: Runtime, namespace: str, name: str, dep: dict[str, Any]) -> None:
     """The Deployment moved: replicas, ready replicas and the phase follow it (nothing is applied)."""
-    async with rt.serve_locks[(namespace, name)]:
+    async with rt.lock(KIND_SERVE, namespace, name):
         body = await rt.kube.get_serve(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from llamaops import status as st
 from llamaops.api import LlamaFineTune
-from llamaops.api.constants import FINETUNES
+from llamaops.api.constants import ANNOTATION_RUN_HASH, FINETUNES
 from llamaops.builders.finetune import Names, workload
 from llamaops.handlers.runtime import Runtime
+from llamaops.kube import NotOwned
 from llamaops.queue import Placement
 from llamaops.state.finetune import RunSnapshot
 
@@ -43,17 +45,55 @@ def placement(rt: Runtime, run: RunSnapshot) -> Placement:
     return Placement(nodes=run.assigned_nodes)
 
 
+class WorkloadConflict(Exception):
+    """A child's name is taken by an object the run does not control (kube.NotOwned): the run cannot start."""
+
+
 async def create_workload(rt: Runtime, lft: LlamaFineTune, where: Placement) -> None:
+    """Everything the Job's pods use first (together), then the Job.
+
+    The Job is created, not applied: its pod template is immutable, and a changed spec gets a new Job. A Job
+    already there is taken only when it is this spec's (its run hash); one of an earlier spec, left by a crash
+    between its creation and the status that records it, is deleted and made again. Raises WorkloadConflict
+    when a name is taken by an object the run does not control (never adopted)."""
     w = workload(lft, rt.settings, where)
-    # Everything the Job's pods use first (together), then the Job. The Job is created, not
-    # applied: its pod template is immutable, and a changed spec gets a new Job.
-    await asyncio.gather(*(rt.kube.apply(m) for m in w.in_creation_order() if m["kind"] != "Job"))
-    await rt.kube.create(w.job)
+    try:
+        await asyncio.gather(*(rt.kube.apply(m) for m in w.in_creation_order() if m["kind"] != "Job"))
+        existing = await rt.kube.create(w.job)
+        if existing is not None and _run_hash(existing) != _run_hash(w.job):
+            await rt.kube.delete_owned("Job", existing["metadata"]["namespace"], existing["metadata"]["name"],
+                                       lft.metadata.uid)
+            if await rt.kube.create(w.job) is not None:
+                raise RuntimeError(f"Job {w.job['metadata']['name']} of an earlier spec is still being deleted")
+    except NotOwned as exc:
+        raise WorkloadConflict(str(exc)) from None
+
+
+def _run_hash(job: dict[str, Any]) -> str | None:
+    return ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_RUN_HASH)
+
+
+async def fail_conflict(rt: Runtime, body: Any, exc: WorkloadConflict) -> None:
+    """The run cannot get its workload: Failed, with a Conflict condition and Event naming the object."""
+    meta = body["metadata"]
+    conditions = st.set_condition((body.get("status") or {}).get("conditions"), st.CONFLICT, True, "NotOwned",
+                                  str(exc), meta.get("generation"))
+    conditions = st.set_condition(conditions, st.FAILED, True, "Conflict", str(exc), meta.get("generation"))
+    await rt.kube.patch_status(FINETUNES, meta["namespace"], meta["name"], {
+        "phase": "Failed", "conditions": conditions, "queuePosition": None, "assignedNodes": None})
+    await rt.kube.event(body, "Warning", reason="Conflict", message=str(exc))
 
 
 async def remove_job(rt: Runtime, lft: LlamaFineTune) -> bool:
-    """Delete the Job (its pods go with it); the rest of the workload is harmless and reused."""
-    return await rt.kube.delete_job(lft.metadata.namespace or "default", Names.of(lft.metadata.name or "").job)
+    """Delete the run's Job (its pods go with it); the rest of the workload is harmless and reused."""
+    return await rt.kube.delete_owned("Job", lft.metadata.namespace or "default",
+                                      Names.of(lft.metadata.name or "").job, lft.metadata.uid)
+
+
+async def remove_report(rt: Runtime, lft: LlamaFineTune) -> None:
+    """Delete the report ConfigMap (admission makes a fresh one for the next Job)."""
+    await rt.kube.delete_owned("ConfigMap", lft.metadata.namespace or "default",
+                               Names.of(lft.metadata.name or "").report, lft.metadata.uid)
 
 
 async def patch_status(rt: Runtime, lft: LlamaFineTune, status: dict[str, Any]) -> None:

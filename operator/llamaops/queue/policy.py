@@ -57,6 +57,7 @@ class Decision:
     reasons: dict[str, str] = field(default_factory=dict)  # key -> why it waits
     overtaken: dict[str, int] = field(default_factory=dict)  # key -> updated count, for the waiting
     reserved: dict[str, list[str]] = field(default_factory=dict)  # key -> nodes held for it
+    unfit: set[str] = field(default_factory=set)  # keys that cannot fit the cluster as it is, however long they wait
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,20 @@ def eligible(node: NodeCapacity, run: QueuedRun) -> bool:
     return all(tolerates(run.tolerations, t) for t in node.taints)
 
 
+def shape(nodes: Sequence[NodeCapacity]) -> str:
+    """The cluster's GPU nodes in a few words: "2 nodes of NVIDIA-H100-80GB-HBM3 with 8 GPUs"."""
+    groups: dict[tuple[str, int], int] = {}
+    for n in nodes:
+        if n.schedulable and n.allocatable > 0:
+            key = (n.labels.get(GPU_PRODUCT_LABEL) or "unlabelled GPUs", n.allocatable)
+            groups[key] = groups.get(key, 0) + 1
+    if not groups:
+        return "the cluster has no schedulable GPU node"
+    parts = [f"{count} node{'s' if count != 1 else ''} of {product} with {gpus} GPUs"
+             for (product, gpus), count in sorted(groups.items())]
+    return "the cluster has " + ", ".join(parts)
+
+
 def _place(run: QueuedRun, candidates: list[NodeCapacity], free: dict[str, int]) -> list[str] | None:
     """Best fit: the fullest nodes that still have room, so large holes stay open for large gangs."""
     fitting = sorted((n for n in candidates if free[n.name] >= run.gpus_per_node),
@@ -85,7 +99,9 @@ def admit(queue: Iterable[QueuedRun], nodes: Iterable[NodeCapacity],
         elif len(matching) < run.nodes:
             decision.reasons[run.key] = (
                 f"cannot fit this cluster: it needs {run.nodes} node(s) with {run.gpus_per_node} "
-                f"{run.gpu_product or 'GPU'}s matching its selectors and tolerations, there are {len(matching)}")
+                f"{run.gpu_product or 'GPU'}s matching its selectors and tolerations, there are {len(matching)} "
+                f"({shape(nodes)})")
+            decision.unfit.add(run.key)
             waiting.append(run)
             continue
         else:

@@ -13,6 +13,7 @@ No I/O: the handlers read the cluster, call these, and carry out the result.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +21,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from llamaops import status as st
-from llamaops.api import FineTuneSpec
-from llamaops.api.contract import EXIT_RETRYABLE, digest
-from llamaops.api.finetune import QueueSpec, TrainingResources
+from llamaops.api import FineTuneSpec, LlamaFineTune
+from llamaops.api.contract import EXIT_RETRYABLE, REPORT_ADAPTER, REPORT_PROGRESS, digest, spec_hash
+from llamaops.api.finetune import AdapterReport, Progress, QueueSpec, TrainingResources
 from llamaops.queue.policy import QueuedRun
 
 ACTIVE = ("Admitted", "Running")
 DONE = ("Succeeded",)
-# A node NotReady this long is lost (Kubernetes' own taint-based eviction waits as long, 300 s by default).
-NODE_LOST_AFTER_SECONDS = 300.0
 
 
 def run_hash(spec: FineTuneSpec) -> str:
@@ -60,6 +59,8 @@ class RunSnapshot:
     namespace: str
     name: str
     uid: str | None = None
+    resource_version: str | None = None  # of the object read: status writes made from it are conditional on it
+    generation: int = 0  # of its spec
     created: str | None = None  # metadata.creationTimestamp, as the server writes it
     phase: str | None = None
     suspend: bool = False
@@ -69,6 +70,7 @@ class RunSnapshot:
     assigned_nodes: tuple[str, ...] = ()
     run_hash: str | None = None
     restarts: int = 0
+    max_restarts: int = FineTuneSpec.model_fields["max_restarts"].default
     conditions: tuple[Mapping[str, Any], ...] = ()
     progress: Mapping[str, Any] = field(default_factory=dict)
 
@@ -78,11 +80,13 @@ class RunSnapshot:
         meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
         return cls(
             namespace=meta.get("namespace") or "default", name=meta.get("name") or "", uid=meta.get("uid"),
+            resource_version=meta.get("resourceVersion"), generation=int(meta.get("generation") or 0),
             created=meta.get("creationTimestamp"), phase=status.get("phase"), suspend=bool(spec.get("suspend")),
             in_scope=in_scope, resources=_section(TrainingResources, spec.get("resources")),
             queue=_section(QueueSpec, spec.get("queue")),
             assigned_nodes=tuple(status.get("assignedNodes") or ()), run_hash=status.get("runHash"),
             restarts=int(status.get("restarts") or 0), conditions=tuple(status.get("conditions") or ()),
+            max_restarts=int(spec.get("maxRestarts", cls.max_restarts)),
             progress=dict(status.get("progress") or {}),
         )
 
@@ -97,6 +101,12 @@ class RunSnapshot:
     @property
     def gpus(self) -> int:
         return self.resources.total_gpus
+
+    @property
+    def admitted_at(self) -> float | None:
+        """When it was admitted (its Job made, or unsuspended by an external queue), if it is."""
+        admitted = st.condition(list(self.conditions), "Admitted") or {}
+        return _timestamp(admitted.get("lastTransitionTime")) if admitted.get("status") == "True" else None
 
     def queued(self, overtaken: int = 0, cpu_only: bool = False) -> QueuedRun:
         """The run as a queue policy sees it. `cpu_only` (demo mode, a dev node): it holds no GPUs."""
@@ -195,7 +205,7 @@ def failing_trainer(pods: Iterable[Mapping[str, Any]], container: str, tail: int
 
 
 def lost_nodes(assigned: Sequence[str], nodes: Mapping[str, Mapping[str, Any]], now: float,
-               grace: float = NODE_LOST_AFTER_SECONDS) -> list[str]:
+               grace: float) -> list[str]:
     """The assigned nodes that are gone: deleted, or NotReady for longer than `grace` seconds.
 
     `nodes`: name -> Node as the API server returns it (its Ready condition is all that is read).
@@ -229,20 +239,22 @@ class Outcome:
     reason: str = ""
     message: str = ""
     restarts: int | None = None  # the run's new restart count, when it changes
+    release: bool = False  # a FAIL that must also delete the Job: its pods still hold (or wait for) GPUs
 
 
 def job_outcome(run: RunSnapshot, job: JobView, *, max_restarts: int, external: bool,
-                lost: Sequence[str] = ()) -> list[Outcome]:
+                lost: Sequence[str] = (), adapter_missing: str = "") -> list[Outcome]:
     """What to do, in order, after the run's Job changed.
 
     `external`: an external queue (Kueue) admits the run's Jobs. `lost`: the run's assigned nodes that are
-    gone (`lost_nodes`).
+    gone (`lost_nodes`). `adapter_missing`: why a completed Job's adapter cannot be found (`completed_adapter`).
 
         Job                                           run
         of an older spec                              nothing (on its way out)
         deleted while the run is active               recreate it (a gang restart, or deleted by hand)
         deleted while it waits in an external queue   recreate it, suspended (it waits as that Job)
         Complete                                      Succeeded
+        Complete, but the adapter cannot be found     Failed, AdapterMissing
         Failed: exit 64/65 (podFailurePolicy)         Failed, TrainerError, no retry
         Failed: activeDeadlineSeconds                 Failed, DeadlineExceeded
         Failed, restarts used up                      Failed, RestartsExhausted
@@ -261,7 +273,11 @@ def job_outcome(run: RunSnapshot, job: JobView, *, max_restarts: int, external: 
         waits_as_job = external and phase == "Queued" and not run.suspend
         return [Outcome(Step.RECREATE)] if phase in ACTIVE or waits_as_job else []
     if job.complete:
-        return [] if phase in DONE else [Outcome(Step.SUCCEED, "Completed")]
+        if phase in DONE or phase == "Failed":
+            return []
+        if adapter_missing:
+            return [Outcome(Step.FAIL, "AdapterMissing", adapter_missing)]
+        return [Outcome(Step.SUCCEED, "Completed")]
     if job.failed:
         if phase not in ACTIVE:
             return []  # already failed, requeued or suspended
@@ -280,7 +296,7 @@ def job_outcome(run: RunSnapshot, job: JobView, *, max_restarts: int, external: 
         return [Outcome(Step.RESTART, "Restarting", f"restart {count} after {detail}", run.restarts + 1)]
     if phase in ACTIVE and lost:
         if run.restarts >= max_restarts:
-            return [Outcome(Step.FAIL, "RestartsExhausted", f"node(s) {', '.join(lost)} lost")]
+            return [Outcome(Step.FAIL, "RestartsExhausted", f"node(s) {', '.join(lost)} lost", release=True)]
         return [Outcome(Step.REQUEUE, "NodeLost", f"node(s) {', '.join(lost)} lost: requeued "
                                                   f"({run.restarts + 1}/{max_restarts}), resumes from its checkpoint",
                         run.restarts + 1)]
@@ -295,3 +311,129 @@ def job_outcome(run: RunSnapshot, job: JobView, *, max_restarts: int, external: 
     if phase == "Admitted" and job.ready > 0:
         out.append(Outcome(Step.START, "Started", f"{job.ready} of {run.resources.nodes} pod(s) ready"))
     return out
+
+
+# ---------------------------------------------------------------- what the trainer reports
+
+
+@dataclass(frozen=True)
+class Report:
+    """The run's report ConfigMap, checked: what a training pod may tell the operator, and nothing else."""
+
+    progress: Progress | None = None
+    adapter: AdapterReport | None = None
+    problems: tuple[str, ...] = ()  # what was refused, and why
+
+    @classmethod
+    def of(cls, data: Mapping[str, str] | None) -> Report:
+        """From the ConfigMap's data; a key that does not parse as its model is left out, with the reason."""
+        values: dict[str, Any] = {}
+        problems = []
+        for key, model in ((REPORT_PROGRESS, Progress), (REPORT_ADAPTER, AdapterReport)):
+            raw = (data or {}).get(key)
+            if raw is None:
+                continue
+            try:
+                values[key] = model.model_validate(json.loads(raw), strict=False)
+            except (ValueError, ValidationError) as exc:
+                problems.append(f"{key}: {' '.join(str(exc).split())[:200]}")
+        return cls(values.get(REPORT_PROGRESS), values.get(REPORT_ADAPTER), tuple(problems))
+
+    def progress_status(self) -> dict[str, Any] | None:
+        return self.progress.model_dump(mode="json", by_alias=True, exclude_none=True) if self.progress else None
+
+
+def completed_adapter(lft: LlamaFineTune, report: Report) -> tuple[dict[str, Any] | None, str]:
+    """status.adapter of a run whose Job completed, from the spec and what the trainer reported; else (None, why).
+
+    The operator decides where the adapter is: a PVC output's place is known; an S3 output's is what the
+    trainer uploaded, accepted only under the spec's own output prefix. The rank is the trainer's (the real
+    one), else the one the spec exports.
+    """
+    spec = lft.spec
+    reported = report.adapter
+    if reported is not None and (reported.base_model != spec.model.base_model
+                                 or reported.spec_hash != spec_hash(spec)):
+        reported = None  # not this spec's adapter: rank and location unknown
+    uri = lft.adapter_uri()
+    if spec.output.s3 is not None:
+        prefix = spec.output.s3.uri.rstrip("/") + "/"
+        uri = reported.uri if reported is not None and reported.uri and \
+            (reported.uri + "/").startswith(prefix) else None
+        if uri is None:
+            why = (f"the reported location {reported.uri} is not under {spec.output.s3.uri}"
+                   if reported is not None and reported.uri else "the trainer reported no adapter location")
+            return None, f"{why}: the adapter cannot be found"
+    adapter: dict[str, Any] = {
+        "uri": uri, "baseModel": spec.model.base_model,
+        "r": reported.r if reported is not None else spec.lora.exported_rank,
+        "loraAlpha": spec.lora.lora_alpha}
+    if spec.system_prompt:
+        adapter["systemPrompt"] = spec.system_prompt
+    return adapter, ""
+
+
+# ---------------------------------------------------------------- pods that will never train
+
+# Container states that do not clear by waiting (a bad image, a missing Secret or ConfigMap key).
+IMAGE_ERRORS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+CONFIG_ERRORS = ("CreateContainerConfigError", "CreateContainerError")
+
+
+@dataclass(frozen=True)
+class PodView:
+    """A training pod as the stuck-run checks read it."""
+
+    name: str
+    created: float = 0.0
+    phase: str | None = None
+    unschedulable_since: float | None = None  # PodScheduled=False, reason Unschedulable, since
+    unschedulable: str = ""  # the scheduler's message (which resource is short, where)
+    waiting_reason: str = ""  # the trainer container's waiting reason
+    waiting_message: str = ""
+
+    @classmethod
+    def of(cls, pod: Mapping[str, Any], container: str) -> PodView:
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        scheduled = st.condition(status.get("conditions"), "PodScheduled") or {}
+        unschedulable = scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
+        waiting: Mapping[str, Any] = next(
+            ((cs.get("state") or {}).get("waiting") or {} for cs in status.get("containerStatuses") or []
+             if cs.get("name") == container), {})
+        return cls(name=meta.get("name") or "", created=_timestamp(meta.get("creationTimestamp")),
+                   phase=status.get("phase"),
+                   unschedulable_since=_timestamp(scheduled.get("lastTransitionTime")) if unschedulable else None,
+                   unschedulable=scheduled.get("message") or "" if unschedulable else "",
+                   waiting_reason=waiting.get("reason") or "", waiting_message=waiting.get("message") or "")
+
+
+def stuck_outcome(run: RunSnapshot, pods: Sequence[PodView], job_created: float | None, *, now: float,
+                  grace: float, max_restarts: int) -> list[Outcome]:
+    """An admitted run whose pods will never train, told within `grace` seconds: its GPUs go back.
+
+        a trainer container that cannot start (bad image, missing Secret key)   Failed, with the kubelet's message
+        a pod the scheduler cannot place (CPU, memory, a node taken first)       requeued, with the scheduler's
+                                                                                 message (Failed once restarts
+                                                                                 are used up)
+        no pod at all (a ResourceQuota, a missing PriorityClass, a webhook)      Failed: the Job's events say which
+    """
+    if run.phase not in ACTIVE:
+        return []
+    for pod in pods:
+        if pod.waiting_reason in IMAGE_ERRORS + CONFIG_ERRORS and now - pod.created >= grace:
+            reason = "ImagePullFailed" if pod.waiting_reason in IMAGE_ERRORS else "ContainerConfigError"
+            return [Outcome(Step.FAIL, reason, f"pod {pod.name}: {pod.waiting_reason}: {pod.waiting_message}",
+                            release=True)]
+    for pod in pods:
+        if pod.unschedulable_since is not None and now - pod.unschedulable_since >= grace:
+            why = f"pod {pod.name} cannot be scheduled: {pod.unschedulable}"
+            if run.restarts >= max_restarts:
+                return [Outcome(Step.FAIL, "Unschedulable", why, release=True)]
+            return [Outcome(Step.REQUEUE, "Unschedulable", f"{why}; requeued ({run.restarts + 1}/{max_restarts})",
+                            run.restarts + 1)]
+    if not pods and job_created is not None and now - job_created >= grace:
+        return [Outcome(Step.FAIL, "PodsNotCreated",
+                        f"its Job created no pod in {int(now - job_created)} s: a ResourceQuota, a missing "
+                        "PriorityClass or an admission policy refuses them (the Job's events say which)",
+                        release=True)]
+    return []

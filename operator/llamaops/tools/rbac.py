@@ -27,10 +27,10 @@ within a rule were checked by hand against the local API server: server-side app
 needs `create` besides `patch` (an existing one only `patch`), and a delete of an absent object is refused
 (403) before it is found missing (404), so a `delete` that usually finds nothing is still needed.
 
-The trainer's per-run Role (builders/finetune.py) grants get on
-llamafinetunes and get/patch on llamafinetunes/status: Kubernetes lets the
-operator create that Role and bind it only because it holds those verbs
-itself (no `escalate` or `bind`).
+The trainer's per-run Role (builders/finetune.py) grants get/patch on its
+run's report ConfigMap and nothing else (the run's status is the operator's
+alone): Kubernetes lets the operator create that Role and bind it only
+because it holds those verbs itself (no `escalate` or `bind`).
 """
 
 from __future__ import annotations
@@ -79,26 +79,45 @@ RULES: tuple[Rule, ...] = (
     Rule(GROUP, (FINETUNES,), ("list", "watch"), "watch", "finetune",
          "kopf's watch of runs: the reconcile handlers and the admission index (handlers/finetune.py)"),
     Rule(GROUP, (FINETUNES,), ("get",), "namespaced", "finetune",
-         "kube.get_finetune: admission and Job events re-read a run before acting; also granted to the trainer"),
-    Rule(GROUP, (f"{FINETUNES}/status",), ("get", "patch"), "namespaced", "finetune",
-         "kube.patch_status and kopf's status.kopf bookkeeping (patch); get only because the trainer's Role "
-         "grants it and RBAC forbids granting what one does not hold"),
+         "kube.get_finetune: admission and Job events re-read a run before acting"),
+    Rule(GROUP, (f"{FINETUNES}/status",), ("patch",), "namespaced", "finetune",
+         "kube.patch_status and kopf's status.kopf bookkeeping: the operator is the only writer of a run's status"),
     Rule("batch", ("jobs",), ("list", "watch"), "watch", "finetune",
          "kopf's watch of training Jobs (handlers/jobs.py): their outcome becomes the run's phase"),
+    Rule("batch", ("jobs",), ("get",), "namespaced", "finetune",
+         "kube.get before creating or deleting a training Job: one the run does not control is never taken "
+         "over or deleted (kube.NotOwned), one of an earlier spec is replaced"),
     Rule("batch", ("jobs",), ("create", "delete"), "namespaced", "finetune",
-         "kube.create of the training Job (immutable pod template: created, never patched); kube.delete_job on "
+         "kube.create of the training Job (immutable pod template: created, never patched); kube.delete_owned on "
          "suspend, spec change and gang restart"),
     Rule("", ("configmaps",), ("create", "patch"), "namespaced", "finetune",
-         "kube.apply (server-side apply: patch, and create when absent) of the run's spec ConfigMap"),
+         "kube.apply (server-side apply: patch, and create when absent) of the run's spec and report ConfigMaps; "
+         "also granted to the trainer on its report alone"),
+    Rule("", ("configmaps",), ("get",), "namespaced", "finetune",
+         "kube.get: the report a completed run's trainer left (its adapter's rank and location), and before "
+         "every apply (nothing is adopted: kube.NotOwned); also granted to the trainer on its report alone"),
+    Rule("", ("configmaps",), ("list", "watch"), "watch", "finetune",
+         "kopf's watch of report ConfigMaps only (a server-side label selector): a trainer's progress becomes "
+         "its run's status.progress (handlers/reports.py)"),
     Rule("", ("serviceaccounts",), ("create", "patch"), "namespaced", "finetune",
          "kube.apply of the trainer's per-run ServiceAccount"),
+    Rule("", ("serviceaccounts",), ("get",), "namespaced", "finetune",
+         "kube.get before applying the trainer's ServiceAccount: one the run does not control is never adopted "
+         "(the Job would run as it)"),
+    Rule("rbac.authorization.k8s.io", ("roles", "rolebindings"), ("get",), "namespaced", "finetune",
+         "kube.get before applying the trainer's Role and RoleBinding (nothing is adopted)"),
     Rule("rbac.authorization.k8s.io", ("roles",), ("create", "patch"), "namespaced", "finetune",
-         "kube.apply of the trainer's per-run Role (it may get and patch only its own run's status)"),
+         "kube.apply of the trainer's per-run Role (it may get and patch only its run's report ConfigMap)"),
     Rule("rbac.authorization.k8s.io", ("rolebindings",), ("create", "patch"), "namespaced", "finetune",
          "kube.apply of the binding of the trainer's Role to its ServiceAccount"),
+    Rule("", ("services",), ("get",), "namespaced", "finetune",
+         "kube.get before applying a run's or a LlamaServe's Service: one it does not control keeps its selector"),
     Rule("", ("services",), ("create", "patch"), "namespaced", "finetune",
          "kube.apply of the headless rendezvous Service of a run, and of a LlamaServe's Service (never deleted: "
          "owner references do it)"),
+    Rule("networking.k8s.io", ("networkpolicies",), ("get", "create", "patch"), "namespaced", "finetune",
+         "kube.apply (after kube.get: nothing is adopted) of a run's gang NetworkPolicy and of a LlamaServe's "
+         "serving-port one (networkPolicies.enabled; owner references delete them)"),
     Rule("", ("pods",), ("list", "watch"), "watch", "finetune",
          "kopf's index of every GPU pod (free capacity for admission); kube.list_pods reads a failed "
          "trainer's exit code"),
@@ -115,23 +134,27 @@ RULES: tuple[Rule, ...] = (
          "kube.patch_status (phase, ready replicas, adapters, endpoint) and kopf's status.kopf bookkeeping"),
     Rule("apps", ("deployments",), ("list", "watch"), "watch", "serve",
          "kopf's watch of the vLLM/Ollama Deployments: their rollout and readiness become the LlamaServe's "
-         "phase (the operator never gets a Deployment: apply_returning answers with its status)"),
+         "phase"),
+    Rule("apps", ("deployments",), ("get",), "namespaced", "serve",
+         "kube.get before applying the serving Deployment (nothing is adopted)"),
     Rule("apps", ("deployments",), ("create", "patch"), "namespaced", "serve",
-         "kube.apply_returning of the vLLM/Ollama Deployment (server-side apply: patch, and create when absent; "
+         "kube.apply of the vLLM/Ollama Deployment (server-side apply: patch, and create when absent; "
          "owner references delete it)"),
     Rule("", ("configmaps",), ("delete",), "namespaced", "serve",
-         "kube.delete of a LlamaServe's chat-template or modelfiles ConfigMap when the spec no longer needs it "
-         "(every reconcile: the one of the other runtime is always absent; RBAC refuses before the 404)"),
+         "kube.delete_owned of a LlamaServe's chat-template or modelfiles ConfigMap when the spec no longer needs "
+         "it, and of a run's report when its spec changes"),
+    Rule("policy", ("poddisruptionbudgets",), ("get",), "namespaced", "serve",
+         "kube.get before applying or deleting the PodDisruptionBudget (another's of that name is left alone)"),
     Rule("policy", ("poddisruptionbudgets",), ("create", "patch"), "namespaced", "serve",
          "kube.apply of spec.podDisruptionBudget (server-side apply)"),
     Rule("policy", ("poddisruptionbudgets",), ("delete",), "namespaced", "serve",
-         "kube.delete of the PodDisruptionBudget on every reconcile of a LlamaServe without "
-         "spec.podDisruptionBudget (dropped from the spec, or a 404)"),
+         "kube.delete_owned of the LlamaServe's PodDisruptionBudget when the spec drops it"),
+    Rule("autoscaling", ("horizontalpodautoscalers",), ("get",), "namespaced", "serve",
+         "kube.get before applying or deleting the HorizontalPodAutoscaler (another's of that name is left alone)"),
     Rule("autoscaling", ("horizontalpodautoscalers",), ("create", "patch"), "namespaced", "serve",
          "kube.apply of spec.autoscaling (server-side apply)"),
     Rule("autoscaling", ("horizontalpodautoscalers",), ("delete",), "namespaced", "serve",
-         "kube.delete of the HorizontalPodAutoscaler on every reconcile of a LlamaServe without spec.autoscaling "
-         "(dropped from the spec, or a 404)"),
+         "kube.delete_owned of the LlamaServe's HorizontalPodAutoscaler when the spec drops it"),
 )
 
 

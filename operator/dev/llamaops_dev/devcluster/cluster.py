@@ -261,6 +261,20 @@ class DevCluster:
 
     # ----------------------------------------------------------------- down
 
+    def restart(self, name: str, *, grace: float = 10.0, timeout: float = 60.0) -> None:
+        """Stop one component and start it again with the same configuration (a fault, for chaos tests): the
+        API server comes back on the same etcd, so every object is still there."""
+        config = self.config()
+        paths = pki.PKIPaths(self.state.pki)
+        specs = components.specs(self.state, config, paths, binaries.resolve(self._bin_dir))
+        pid = self._pid(name)
+        if processes.is_running(pid, name):
+            processes.stop([pid], grace=grace)  # type: ignore[list-item]
+        wait_ports_free(config.component_ports().get(name, ()), timeout=15)
+        self._spawn(specs[name])
+        if name == "kube-apiserver":
+            self._wait("kube-apiserver /readyz", self._client(config).ready, time.monotonic() + timeout, name)
+
     def down(self, *, purge: bool = False, grace: float = 10.0) -> None:
         """Stop every component; with `purge` also remove the state directory."""
         if not self.state.root.exists():

@@ -16,7 +16,7 @@ from llamaops.api import LlamaServe
 from llamaops.api.catalog import CatalogModel
 from llamaops.api.serve import OllamaSpec
 from llamaops.api.validation import Problem, RuntimeReport
-from llamaops.builders.serve.runtime import ServeContext, Server, register
+from llamaops.builders.serve.runtime import ServeContext, ServeError, Server, register
 from llamaops.builders.serve.workload import system_prompt
 from llamaops.settings import Settings
 
@@ -34,10 +34,25 @@ def model_name(lsv: LlamaServe) -> str:
     return settings_of(lsv).served_model_name or (lsv.metadata.name or "base")
 
 
+def modelfile_problem(text: str, what: str) -> str | None:
+    """Why `text` cannot be written into a Modelfile line: SYSTEM takes a triple-quoted block (with no escape for
+    three quotes inside), FROM and ADAPTER one line."""
+    if what == "system prompt":
+        return 'it contains """, which ends an Ollama SYSTEM block' if '"""' in text else None
+    return "it contains whitespace or a line break, which would add lines to the Modelfile" \
+        if any(ch.isspace() for ch in text) else None
+
+
 def modelfiles(lsv: LlamaServe, ctx: ServeContext) -> list[tuple[str, str]]:
-    """(model name, Modelfile): the base itself, then one model per adapter (FROM base, ADAPTER, SYSTEM)."""
+    """(model name, Modelfile): the base itself, then one model per adapter (FROM base, ADAPTER, SYSTEM).
+    Raises ServeError rather than render what would change the Modelfile's meaning (a prompt from a run)."""
     base = ctx.model_path
     prompt = system_prompt(lsv, ctx.adapters)
+    for text, what in ((base, "base model"), (prompt or "", "system prompt"),
+                       *((p, "adapter path") for p in ctx.adapter_paths.values())):
+        why = modelfile_problem(text, what)
+        if why:
+            raise ServeError(f"the {what} cannot be served by Ollama: {why}")
     system = f'SYSTEM """{prompt}"""\n' if prompt else ""
     files = [(model_name(lsv), f"FROM {base}\n{system}")]
     files += [(a.name, f"FROM {base}\nADAPTER {ctx.adapter_paths[a.name]}\n{system}") for a in ctx.adapters]
@@ -80,6 +95,15 @@ class OllamaRuntime:
     def validate(self, lsv: LlamaServe, model: CatalogModel | None,
                  ranks: Mapping[str, int | None]) -> RuntimeReport:
         problems = []
+        spec = lsv.spec
+        if spec.api_key_secret_ref is not None:
+            problems.append(Problem("spec.apiKeySecretRef", "Ollama has no API keys: requests would be served "
+                                    "without one; use runtime: vllm, or put an authenticating proxy in front"))
+        for field, text, what in (("spec.model.base_model", spec.model.base_model, "base model"),
+                                  ("spec.systemPrompt", spec.system_prompt or "", "system prompt")):
+            why = modelfile_problem(text, what)
+            if why:
+                problems.append(Problem(field, f"cannot be written into an Ollama Modelfile: {why}"))
         for i, adapter in enumerate(lsv.spec.adapters):
             if adapter.uri and adapter.uri.startswith("hf://"):
                 problems.append(Problem(f"spec.adapters[{i}].uri", "Ollama reads adapters from local files: use a "

@@ -20,7 +20,7 @@ from typing import Any
 from llamaops.api import LlamaServe
 from llamaops.api.constants import ANNOTATION_SPEC_HASH, COMPONENT_SERVER, GROUP, KIND_SERVE, LABEL_COMPONENT
 from llamaops.api.contract import HF_HOME, digest, parse_pvc_uri
-from llamaops.builders.naming import LABEL_SERVE, child_name, label_value, labels, metadata
+from llamaops.builders.naming import LABEL_SERVE, child_name, dns_label, label_value, labels, metadata
 from llamaops.builders.scheduling import GPU, cpu_memory, node_selector, pod_options, secret_env, tolerations
 from llamaops.builders.serve.runtime import ServeContext, ServeError, Server, ServingRuntime, get, runtimes
 from llamaops.settings import Settings
@@ -51,10 +51,12 @@ class ServeWorkload:
     config_maps: list[dict[str, Any]] = field(default_factory=list)
     pdb: dict[str, Any] | None = None
     hpa: dict[str, Any] | None = None
+    network_policy: dict[str, Any] | None = None
 
     def in_apply_order(self) -> list[dict[str, Any]]:
         """What the pods mount first, the Deployment after, then what refers to it."""
-        return [*self.config_maps, self.service, self.deployment, *(x for x in (self.pdb, self.hpa) if x)]
+        return [*self.config_maps, *(x for x in (self.network_policy,) if x), self.service, self.deployment,
+                *(x for x in (self.pdb, self.hpa) if x)]
 
 
 # ---------------------------------------------------------------- small pure helpers
@@ -67,7 +69,7 @@ def runtime_of(lsv: LlamaServe) -> ServingRuntime:
 def names(lsv: LlamaServe) -> dict[str, str]:
     """deployment/service/...: the children's names; config: the runtime's ConfigMap."""
     name = lsv.metadata.name or ""
-    return {"deployment": child_name(name, ""), "service": child_name(name, ""),
+    return {"deployment": child_name(name, ""), "service": child_name(dns_label(name), ""),  # a DNS label
             "config": child_name(name, runtime_of(lsv).config_suffix)}
 
 
@@ -269,6 +271,8 @@ def _deployment(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Sett
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "enableServiceLinks": False,  # a Service named "vllm" would otherwise set VLLM_PORT and confuse vLLM
+        # The server needs no API access: the namespace's default ServiceAccount token is not mounted.
+        "automountServiceAccountToken": False,
     }
     init = _s3_fetch(adapters, settings)
     if init:
@@ -342,6 +346,14 @@ def hpa(lsv: LlamaServe) -> dict[str, Any] | None:
                      "behavior": {"scaleDown": {"stabilizationWindowSeconds": 600}}}}
 
 
+def network_policy(lsv: LlamaServe) -> dict[str, Any]:
+    """Into the serving pods, only the server's port (from anywhere: clients live in other namespaces)."""
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _meta(lsv, names(lsv)["deployment"], COMPONENT),
+            "spec": {"podSelector": {"matchLabels": selector(lsv)}, "policyTypes": ["Ingress"],
+                     "ingress": [{"ports": [{"port": runtime_of(lsv).port(lsv), "protocol": "TCP"}]}]}}
+
+
 # ---------------------------------------------------------------- everything
 
 
@@ -356,7 +368,8 @@ def workload(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Setting
         config_maps.append({"apiVersion": "v1", "kind": "ConfigMap",
                             "metadata": _meta(lsv, names(lsv)["config"], COMPONENT), "data": dict(server.files)})
     return ServeWorkload(deployment=_deployment(lsv, adapters, settings, server), service=service(lsv),
-                         config_maps=config_maps, pdb=pdb(lsv), hpa=hpa(lsv))
+                         config_maps=config_maps, pdb=pdb(lsv), hpa=hpa(lsv),
+                         network_policy=network_policy(lsv) if settings.network_policies else None)
 
 
 def deployment(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Settings) -> dict[str, Any]:
