@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from api_cases import example  # noqa: E402
 from llamaops.api import LlamaFineTune  # noqa: E402
-from llamaops.api.constants import FINETUNES, GPU_RESOURCE, GROUP, VERSION  # noqa: E402
+from llamaops.api.constants import FINETUNES, GPU_RESOURCE, GROUP, LABEL_FINETUNE, VERSION  # noqa: E402
 from llamaops.api.contract import spec_hash  # noqa: E402
 
 SHAPES = [(1, 1)] * 6 + [(2, 1)] * 4 + [(4, 1)] * 4 + [(8, 1)] * 3 + [(8, 2)] * 2 + [(4, 2)] * 1
@@ -109,7 +109,7 @@ class Kubelet(threading.Thread):
             time.sleep(0.3)
 
     def _pass(self) -> None:
-        pods = self.c.json(self.c.core.list_namespaced_pod, self.c.ns, label_selector="llamaops.io/finetune")["items"]
+        pods = self.c.json(self.c.core.list_namespaced_pod, self.c.ns, label_selector=LABEL_FINETUNE)["items"]
         gangs: dict[str, list[dict[str, Any]]] = {}
         for pod in pods:
             uid = (pod["metadata"].get("labels") or {}).get("batch.kubernetes.io/controller-uid")
@@ -119,7 +119,7 @@ class Kubelet(threading.Thread):
                  for j in self.c.json(self.c.batch.list_namespaced_job, self.c.ns)["items"]}
         now = time.monotonic()
         for uid, members in gangs.items():
-            run = members[0]["metadata"]["labels"]["llamaops.io/finetune"]
+            run = members[0]["metadata"]["labels"][LABEL_FINETUNE]
             running = [p for p in members if p["status"].get("phase") == "Running"]
             if uid not in sizes or len(running) < sizes[uid]:
                 continue  # the whole gang runs, or none of it trains

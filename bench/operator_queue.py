@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from api_cases import example  # noqa: E402
 from llamaops.api.constants import FINETUNES as PLURAL  # noqa: E402
-from llamaops.api.constants import GROUP, VERSION  # noqa: E402
+from llamaops.api.constants import GROUP, LABEL_FINETUNE, VERSION  # noqa: E402
 
 
 def start_cluster(nodes: int, kueue: bool, home: Path) -> Path:
@@ -106,7 +106,7 @@ def latency(api: client.ApiClient, ns: str, runs: int) -> None:
                 times.append(time.perf_counter() - t0)
                 w.stop()
         custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-        wait(lambda n=name: not batch.list_namespaced_job(ns, label_selector=f"llamaops.io/finetune={n}").items,
+        wait(lambda n=name: not batch.list_namespaced_job(ns, label_selector=f"{LABEL_FINETUNE}={n}").items,
              60, "the Job to be collected")
     times.sort()
     print(f"apply -> Job exists, {runs} runs: median {statistics.median(times) * 1000:.0f} ms, "
@@ -124,7 +124,7 @@ class Kubelet(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             now = time.monotonic()
-            pods = self.core.list_namespaced_pod(self.ns, label_selector="llamaops.io/finetune").items
+            pods = self.core.list_namespaced_pod(self.ns, label_selector=LABEL_FINETUNE).items
             for pod in pods:
                 if pod.status.phase != "Running":
                     continue

@@ -202,3 +202,22 @@ def gpu_pods_gone(kubectl) -> Iterator[None]:
         return not [p for p in pods if p["status"].get("phase") not in ("Succeeded", "Failed") and any(
             (c.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu") for c in p["spec"]["containers"])]
     wait_until(none_left, "GPU pods of earlier tests to go away", timeout=120, interval=1)
+
+
+def claim_volumes(kubectl, namespace: str, tmp_path_factory) -> Path:
+    """The claims the example runs use (training-data, adapters), bound to directories of a new temp dir."""
+    root = tmp_path_factory.mktemp("volumes")
+    Cluster(kubectl, namespace, root).volumes("training-data", "adapters")
+    return root
+
+
+@contextmanager
+def cluster_for_test(operator: OperatorProcess, cluster: Cluster, request, kinds: str = "lft", children: str = "jobs",
+                 timeout: float = 60) -> Iterator[Cluster]:
+    """A test's cluster helpers; after it, the operator's log when it failed, and `kinds` deleted (and their
+    `children` collected) for the next test."""
+    yield cluster
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(f"--- operator log ---\n{operator.tail(150)}")
+    cluster.reset(kinds, children, timeout=timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ def test_short_chaos_soak_keeps_every_invariant(tmp_path: Path) -> None:
         pytest.skip("the soak deletes nodes and restarts the API server: only on its own local control plane")
     spec = importlib.util.spec_from_file_location("chaos", REPO / "bench" / "chaos.py")
     chaos = importlib.util.module_from_spec(spec)
+    sys.modules["chaos"] = chaos  # its dataclasses look their module up
     spec.loader.exec_module(chaos)  # type: ignore[union-attr]
     report = chaos.soak(runs=12, seconds=45, nodes=4, seed=3, work=tmp_path)
     print(f"faults: {dict(report.faults)}; outcomes: {dict(report.outcomes)}; samples: {report.samples}")

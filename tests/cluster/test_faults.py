@@ -12,7 +12,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from operator_fixtures import Cluster, OperatorProcess, crd_namespace, gpu_pods_gone, running_operator, wait_until
+from operator_fixtures import (
+    Cluster,
+    OperatorProcess,
+    claim_volumes,
+    cluster_for_test,
+    crd_namespace,
+    gpu_pods_gone,
+    running_operator,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -34,20 +43,13 @@ def operator(faults_ns: str, kubeconfig: Path, kubectl, tmp_path_factory) -> Ite
 
 @pytest.fixture(scope="module")
 def volumes(faults_ns: str, kubectl, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("volumes")
-    Cluster(kubectl, faults_ns, root).volumes("training-data", "adapters")
-    return root
+    return claim_volumes(kubectl, faults_ns, tmp_path_factory)
 
 
 @pytest.fixture
 def c(operator: OperatorProcess, faults_ns: str, kubectl, volumes: Path, request) -> Iterator[Cluster]:
-    cluster = Cluster(kubectl, faults_ns, volumes)
-    yield cluster
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(f"--- operator log ---\n{operator.tail(150)}")
-    cluster.reset("lft", "jobs")
-
+    with cluster_for_test(operator, Cluster(kubectl, faults_ns, volumes), request) as cluster:
+        yield cluster
 
 def can(c: Cluster, account: str, *args: str) -> bool:
     """What the API server's authorizer allows `account` of this namespace (a SubjectAccessReview)."""
@@ -323,3 +325,33 @@ def test_an_adapter_is_never_stale_nor_empty(c: Cluster) -> None:
     c.wait_phase("retrained", "Running")
     c.finish_pods("retrained")
     assert c.wait_phase("retrained", "Succeeded")["adapter"]["r"] == 16
+
+
+# ---------------------------------------------------------------- one writer, no double booking
+
+
+def test_a_job_left_by_a_crash_for_other_nodes_is_replaced(c: Cluster) -> None:
+    """Defect 9: a crash between a Job's creation and the status that records it left a Job while the run was
+    Queued; re-admission took its 409 for success, whatever the Job was made for, and the run's status named other
+    nodes than its pods held: GPUs counted twice. Now the Job is taken only if made for the same placement."""
+    from llamaops.api import LlamaFineTune
+    from llamaops.builders.finetune import job
+    from llamaops.queue import Placement
+    from llamaops.settings import Settings
+
+    c.run("blocker", gpus=8, nodes=2)
+    c.wait_phase("blocker", "Running")
+    c.run("crashy", gpus=8)
+    c.wait_phase("crashy", "Queued")
+    obj = c.get("lft", "crashy")
+    lft = LlamaFineTune.model_validate({**obj, "metadata": {k: obj["metadata"][k] for k in (
+        "name", "namespace", "uid", "generation")}, "status": None})
+    left = job(lft, Settings(), Placement(nodes=("gpu-node-1",)))  # what a crashed admission made
+    c.kubectl("create", "-f", "-", input=json.dumps(left))
+    c.finish_pods("blocker", count=2)
+    status = c.wait_phase("crashy", "Running", timeout=30)
+    (node,) = status["assignedNodes"]
+    terms = c.job("crashy")["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert [t["matchFields"][0]["values"] for t in terms] == [[node]]
+    assert c.pods("crashy")[0]["spec"]["nodeName"] == node

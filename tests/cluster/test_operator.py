@@ -11,7 +11,16 @@ import pytest
 import yaml
 from llamaops.api import LlamaFineTune
 from llamaops.api.contract import spec_hash
-from operator_fixtures import Cluster, OperatorProcess, crd_namespace, gpu_pods_gone, running_operator, wait_until
+from operator_fixtures import (
+    Cluster,
+    OperatorProcess,
+    claim_volumes,
+    cluster_for_test,
+    crd_namespace,
+    gpu_pods_gone,
+    running_operator,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -32,20 +41,13 @@ def operator(ops_ns: str, kubeconfig: Path, kubectl, tmp_path_factory) -> Iterat
 
 @pytest.fixture(scope="module")
 def volumes(ops_ns: str, kubectl, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("volumes")
-    Cluster(kubectl, ops_ns, root).volumes("training-data", "adapters")
-    return root
+    return claim_volumes(kubectl, ops_ns, tmp_path_factory)
 
 
 @pytest.fixture
 def c(operator: OperatorProcess, ops_ns: str, kubectl, volumes: Path, request) -> Iterator[Cluster]:
-    cluster = Cluster(kubectl, ops_ns, volumes)
-    yield cluster
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(f"--- operator log ---\n{operator.tail(150)}")
-    cluster.reset("lft", "jobs")
-
+    with cluster_for_test(operator, Cluster(kubectl, ops_ns, volumes), request) as cluster:
+        yield cluster
 
 def _args(job: dict) -> list[str]:
     return job["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -65,3 +65,31 @@ def test_kueue_admits_runs_within_quota_and_llamaops_reflects_it(kc, kueue_opera
     c.wait_phase("first", "Succeeded", timeout=30)
     c.wait_phase("second", "Running", timeout=60)
     assert c.job("second")["spec"]["suspend"] is False
+
+
+def test_a_restarted_or_requeued_run_goes_through_kueue_again(kc, kueue_operator, tmp_path: Path) -> None:
+    """Defect 2: the gang restart rebuilt the Job without the queue label and suspend, so after the first failure
+    its pods ran outside the ClusterQueue's quota. Now every Job of the run is Kueue's to admit."""
+    kubectl, ns, _ = kc
+    c = Cluster(kubectl, ns, tmp_path)
+    if c.get("pvc", "training-data") is None:  # the module's first test made them
+        c.volumes("training-data", "adapters")
+    c.reset("lft", "jobs")  # the quota is one 8-GPU run: the first test's runs go
+    c.run("flaky", gpus=8, queue={"name": "team"}, maxRestarts=3)
+    c.wait_phase("flaky", "Running", timeout=60)
+
+    def workload_of(job_uid: str) -> dict | None:
+        items = (c.get("workloads.kueue.x-k8s.io") or {}).get("items", [])
+        return next((w for w in items if w["metadata"]["ownerReferences"][0]["uid"] == job_uid and any(
+            x["type"] == "Admitted" and x["status"] == "True" for x in (w.get("status") or {}).get("conditions", []))),
+            None)
+
+    for exit_code in (1, 75):  # a gang restart in place, then a requeue
+        before = c.job("flaky")["metadata"]["uid"]
+        c.finish_pods("flaky", exit_code=exit_code, message="lost a rank")
+        job = wait_until(lambda b=before: (lambda j: j if j and j["metadata"]["uid"] != b else None)(c.job("flaky")),
+                         "a new Job")
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team"
+        wait_until(lambda j=job: workload_of(j["metadata"]["uid"]), "Kueue to admit the new Job", timeout=60)
+        c.wait_phase("flaky", "Running", timeout=60)
+    assert c.status("flaky")["restarts"] == 2

@@ -39,9 +39,10 @@ pytestmark = pytest.mark.cluster
 
 # Seconds from the operator being up (its start, under the load of all cases starting at once, takes 20-25s
 # on 2 cores and is bounded by OperatorProcess.start) to the end of the case's happy paths.
-HAPPY_TIMEOUT = 120.0  # every happy path, with every rule
-BROKEN_TIMEOUT = 60.0  # the happy path of a rule, with that rule removed, to (wrongly) succeed; each happy path
-# with every rule must take well under it, or a removal case's timeout would prove nothing (checked)
+HAPPY_TIMEOUT = 150.0  # every happy path, with every rule
+# The happy path of a rule, with that rule removed, to (wrongly) succeed; each happy path with every rule must take
+# well under it (checked). 90 s: some 30 operators start and work at once on 2 cores (the finetune path took 40 s).
+BROKEN_TIMEOUT = 90.0
 
 
 class HappyPathFailed(Exception):

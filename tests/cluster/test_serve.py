@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 from api_cases import example
-from operator_fixtures import Cluster, OperatorProcess, crd_namespace, running_operator, wait_until
+from operator_fixtures import (
+    Cluster,
+    OperatorProcess,
+    claim_volumes,
+    cluster_for_test,
+    crd_namespace,
+    running_operator,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
@@ -95,20 +103,14 @@ def operator(serve_ns: str, kubeconfig: Path, tmp_path_factory) -> Iterator[Oper
 
 @pytest.fixture(scope="module")
 def volumes(serve_ns: str, kubectl, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("volumes")
-    Cluster(kubectl, serve_ns, root).volumes("training-data", "adapters")
-    return root
+    return claim_volumes(kubectl, serve_ns, tmp_path_factory)
 
 
 @pytest.fixture
 def c(operator: OperatorProcess, serve_ns: str, kubectl, volumes: Path, request) -> Iterator[Serving]:
-    cluster = Serving(kubectl, serve_ns, volumes)
-    yield cluster
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(f"--- operator log ---\n{operator.tail(150)}")
-    cluster.reset("lsv,lft", "deployments", timeout=90)
-
+    with cluster_for_test(operator, Serving(kubectl, serve_ns, volumes), request, "lsv,lft", "deployments",
+                          timeout=90) as cluster:
+        yield cluster
 
 def test_serve_with_a_direct_adapter_goes_ready(c: Serving) -> None:
     c.serve("direct", replicas=2, adapters=[{"name": "helper", "uri": "hf://acme/llama31-helper", "r": 24}])

@@ -22,6 +22,7 @@ from llamaops.queue.capacity import NodeCapacity
 from llamaops.settings import Settings
 from llamaops.state.finetune import RunSnapshot
 from llamaops.tools import crdgen
+from recording_kube import RecordingKube
 
 # ---------------------------------------------------------------- a serving runtime
 
@@ -139,31 +140,6 @@ class NewestFirst:
                 decision.positions[run.key] = position - 1
                 decision.reasons[run.key] = "a newer run goes first"
         return decision
-
-
-class RecordingKube:
-    """The calls the admission pass makes, recorded (no API server)."""
-
-    def __init__(self, runs: dict[str, dict[str, Any]]) -> None:
-        self.runs, self.created, self.applied, self.patches, self.events = runs, [], [], [], []
-
-    async def get_finetune(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.runs.get(f"{namespace}/{name}")
-
-    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        self.applied.append(manifest)
-        return manifest
-
-    async def create(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
-        self.created.append(manifest)
-        return None
-
-    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any],
-                           resource_version: str | None = None) -> None:
-        self.patches.append((f"{namespace}/{name}", status))
-
-    async def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        self.events.append((obj["metadata"]["name"], reason))
 
 
 def finetune(name: str, created: str) -> dict[str, Any]:

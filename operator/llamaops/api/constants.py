@@ -24,6 +24,7 @@ LABEL_FINETUNE = f"{GROUP}/finetune"
 LABEL_SERVE = f"{GROUP}/serve"
 ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
 ANNOTATION_RUN_HASH = f"{GROUP}/run-hash"
+ANNOTATION_PLACEMENT = f"{GROUP}/placement"  # on a Job: the placement it was made for (nodes, queue labels)
 ANNOTATION_OWNER = f"{GROUP}/owner"
 # Components (LABEL_COMPONENT values) the handlers watch.
 COMPONENT_TRAINER = "trainer"

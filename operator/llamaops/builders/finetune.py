@@ -14,6 +14,7 @@ from typing import Any
 
 from llamaops.api import LlamaFineTune
 from llamaops.api.constants import (
+    ANNOTATION_PLACEMENT,
     COMPONENT_REPORT,
     COMPONENT_TRAINER,
     DEV_NODE_LABEL,
@@ -31,6 +32,7 @@ from llamaops.api.contract import (
     NON_RETRYABLE_EXIT_CODES,
     PVC_ROOT,
     SPEC_PATH,
+    digest,
     parse_pvc_uri,
     pvc_path,
     spec_hash,
@@ -265,7 +267,10 @@ def job(lft: LlamaFineTune, settings: Settings, placement: Placement) -> dict[st
     names = Names.of(lft.metadata.name or "")
     nodes = lft.spec.resources.nodes
     hashes = {ANNOTATION_SPEC_HASH: spec_hash(lft.spec), ANNOTATION_RUN_HASH: run_hash(lft.spec)}
-    meta = _meta(lft, names.job, COMPONENT_TRAINER, annotations=hashes)
+    # What it was made for: a Job found in its place later is taken only if it is the same one.
+    made_for = {ANNOTATION_PLACEMENT: digest({"nodes": sorted(placement.nodes), "labels": dict(placement.labels),
+                                              "suspend": placement.suspend})[:16]}
+    meta = _meta(lft, names.job, COMPONENT_TRAINER, annotations={**hashes, **made_for})
     template_labels = dict(meta["labels"])
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",

@@ -7,7 +7,7 @@ from typing import Any
 
 from llamaops import status as st
 from llamaops.api import LlamaFineTune
-from llamaops.api.constants import ANNOTATION_RUN_HASH, FINETUNES
+from llamaops.api.constants import ANNOTATION_PLACEMENT, ANNOTATION_RUN_HASH, FINETUNES
 from llamaops.builders.finetune import Names, workload
 from llamaops.handlers.runtime import Runtime
 from llamaops.kube import NotOwned
@@ -53,14 +53,15 @@ async def create_workload(rt: Runtime, lft: LlamaFineTune, where: Placement) -> 
     """Everything the Job's pods use first (together), then the Job.
 
     The Job is created, not applied: its pod template is immutable, and a changed spec gets a new Job. A Job
-    already there is taken only when it is this spec's (its run hash); one of an earlier spec, left by a crash
-    between its creation and the status that records it, is deleted and made again. Raises WorkloadConflict
-    when a name is taken by an object the run does not control (never adopted)."""
+    already there is taken only when it is this spec's for this placement (its run hash, and the nodes admission
+    counted its GPUs on); another, left by a crash between its creation and the status that records it, is
+    deleted and made again (kept, its pods would hold GPUs the status says are elsewhere). Raises
+    WorkloadConflict when a name is taken by an object the run does not control (never adopted)."""
     w = workload(lft, rt.settings, where)
     try:
         await asyncio.gather(*(rt.kube.apply(m) for m in w.in_creation_order() if m["kind"] != "Job"))
         existing = await rt.kube.create(w.job)
-        if existing is not None and _run_hash(existing) != _run_hash(w.job):
+        if existing is not None and _made_for(existing) != _made_for(w.job):
             await rt.kube.delete_owned("Job", existing["metadata"]["namespace"], existing["metadata"]["name"],
                                        lft.metadata.uid)
             if await rt.kube.create(w.job) is not None:
@@ -69,8 +70,9 @@ async def create_workload(rt: Runtime, lft: LlamaFineTune, where: Placement) -> 
         raise WorkloadConflict(str(exc)) from None
 
 
-def _run_hash(job: dict[str, Any]) -> str | None:
-    return ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_RUN_HASH)
+def _made_for(job: dict[str, Any]) -> tuple[str | None, str | None]:
+    annotations = (job.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(ANNOTATION_RUN_HASH), annotations.get(ANNOTATION_PLACEMENT)
 
 
 async def fail_conflict(rt: Runtime, body: Any, exc: WorkloadConflict) -> None:
