@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
+import trainer_report  # noqa: E402  (bench/)
 from api_cases import example  # noqa: E402
-from llamaops.api import LlamaFineTune  # noqa: E402
 from llamaops.api.constants import FINETUNES, GPU_RESOURCE, GROUP, LABEL_FINETUNE, VERSION  # noqa: E402
-from llamaops.api.contract import spec_hash  # noqa: E402
 
 SHAPES = [(1, 1)] * 6 + [(2, 1)] * 4 + [(4, 1)] * 4 + [(8, 1)] * 3 + [(8, 2)] * 2 + [(4, 2)] * 1
 S3_PREFIX = "s3://chaos-adapters/runs"
@@ -135,15 +134,8 @@ class Kubelet(threading.Thread):
 
     def _report(self, run: str) -> None:
         """What the trainer writes in its report ConfigMap before it exits 0: the last progress, the adapter."""
-        obj = self.c.custom.get_namespaced_custom_object(GROUP, VERSION, self.c.ns, FINETUNES, run)
-        spec = LlamaFineTune.model_validate({**obj, "status": None}).spec
-        steps = self.rng.randint(50, 500)
-        progress = {"step": steps, "totalSteps": steps, "display": f"{steps}/{steps}", "loss": 1.0}
-        adapter = {"baseModel": spec.model.base_model, "r": spec.lora.r, "specHash": spec_hash(spec),
-                   "uri": f"{S3_PREFIX}/{run}/adapter"}
-        self.c.core.patch_namespaced_config_map(f"{run}-report", self.c.ns, {"data": {
-            "progress": json.dumps(progress), "adapter": json.dumps(adapter)}})
-        self.reported[run] = progress
+        self.reported[run] = trainer_report.write(self.c.core, self.c.custom, self.c.ns, run,
+                                                  steps=self.rng.randint(50, 500))
 
     def _finish(self, pod: dict[str, Any], code: int) -> None:
         ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

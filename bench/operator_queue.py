@@ -29,7 +29,8 @@ from pathlib import Path
 from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
+import trainer_report  # noqa: E402  (bench/)
 from api_cases import example  # noqa: E402
 from llamaops.api.constants import FINETUNES as PLURAL  # noqa: E402
 from llamaops.api.constants import GROUP, LABEL_FINETUNE, VERSION  # noqa: E402
@@ -119,6 +120,7 @@ class Kubelet(threading.Thread):
     def __init__(self, api: client.ApiClient, ns: str, duration: float) -> None:
         super().__init__(daemon=True)
         self.core, self.ns, self.duration, self.stop = client.CoreV1Api(api), ns, duration, threading.Event()
+        self.custom = client.CustomObjectsApi(api)
         self.seen: dict[str, float] = {}
 
     def run(self) -> None:
@@ -131,6 +133,11 @@ class Kubelet(threading.Thread):
                 first = self.seen.setdefault(pod.metadata.name, now)
                 if now - first < self.duration:
                     continue
+                if pod.metadata.labels.get("batch.kubernetes.io/job-completion-index", "0") == "0":
+                    try:  # rank 0's last act: the report (progress, the adapter uploaded to S3)
+                        trainer_report.write(self.core, self.custom, self.ns, pod.metadata.labels[LABEL_FINETUNE])
+                    except client.ApiException:
+                        continue
                 image = pod.spec.containers[0].image
                 ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 body = {"status": {"phase": "Succeeded", "containerStatuses": [{
