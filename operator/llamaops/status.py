@@ -66,6 +66,21 @@ def clear_condition(conditions: list[dict[str, Any]], type_: str, reason: str,
     return set_condition(conditions, type_, False, reason, "", generation)
 
 
+def admitted(conditions: list[dict[str, Any]] | None, reason: str, message: str,
+             generation: int | None = None) -> list[dict[str, Any]]:
+    """A run's conditions once it is admitted (out of the queue)."""
+    conditions = set_condition(conditions, QUEUED, False, reason, message, generation)
+    return set_condition(conditions, ADMITTED, True, reason, message, generation)
+
+
+def requeued(conditions: list[dict[str, Any]] | None, reason: str, message: str,
+             generation: int | None = None) -> list[dict[str, Any]]:
+    """A run's conditions once it is back in the queue (not running, not admitted)."""
+    conditions = set_condition(conditions, RUNNING, False, reason, message, generation)
+    conditions = set_condition(conditions, ADMITTED, False, reason, message, generation)
+    return set_condition(conditions, QUEUED, True, reason, message, generation)
+
+
 def is_true(conditions: list[dict[str, Any]] | None, type_: str) -> bool:
     c = condition(conditions, type_)
     return bool(c and c.get("status") == "True")

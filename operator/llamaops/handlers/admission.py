@@ -23,8 +23,8 @@ from llamaops.api.constants import (
 from llamaops.builders.finetune import CONTAINER, Names
 from llamaops.builders.naming import label_value
 from llamaops.handlers.runtime import Runtime, runtime
-from llamaops.handlers.workload import WorkloadConflict, create_workload, fail_conflict, parse, remove_job
-from llamaops.kube import Stale
+from llamaops.handlers.workload import create_workload, fail_conflict, parse, read_run, remove_job
+from llamaops.kube import NotOwned, Stale
 from llamaops.queue import Placement, free_capacity
 from llamaops.queue.capacity import pod_gpu_request
 from llamaops.state.finetune import ACTIVE, PodView, RunSnapshot, run_hash
@@ -199,7 +199,7 @@ class Admitter:
     async def _admit(self, key: str, nodes: list[str]) -> None:
         ns, name = key.split("/", 1)
         async with self.rt.lock(KIND_FINETUNE, ns, name):  # one writer per run: reconcile and Job events wait
-            body = await self.rt.kube.get_finetune(ns, name)
+            body = await read_run(self.rt, ns, name)
             lft = parse(body) if _admissible(body) else None
             if lft is None:
                 self.in_flight.pop(key, None)
@@ -208,16 +208,14 @@ class Admitter:
                 nodes = [self.rt.settings.dev_node]  # demo mode: the dev node runs the whole gang
             try:
                 await create_workload(self.rt, lft, Placement(nodes=tuple(nodes)))
-            except WorkloadConflict as exc:
+            except NotOwned as exc:
                 self.in_flight.pop(key, None)
                 await fail_conflict(self.rt, body, exc)
                 return
             where = ", ".join(nodes) if nodes else "CPU"
             for _attempt in range(3):
-                gen = body["metadata"].get("generation")
-                conditions = list((body.get("status") or {}).get("conditions") or [])
-                conditions = st.set_condition(conditions, st.QUEUED, False, "Admitted", f"admitted onto {where}", gen)
-                conditions = st.set_condition(conditions, st.ADMITTED, True, "Admitted", f"admitted onto {where}", gen)
+                conditions = st.admitted((body.get("status") or {}).get("conditions"), "Admitted",
+                                         f"admitted onto {where}", body["metadata"].get("generation"))
                 try:
                     # Only onto the run as it was read: an edit or a suspend since then wins over this admission.
                     await self.rt.kube.patch_status(FINETUNES, ns, name, {
@@ -226,7 +224,7 @@ class Admitter:
                         resource_version=body["metadata"].get("resourceVersion"))
                     break
                 except Stale:
-                    body = await self.rt.kube.get_finetune(ns, name)
+                    body = await read_run(self.rt, ns, name)
                     fresh = parse(body) if _admissible(body) else None
                     if fresh is None or run_hash(fresh.spec) != run_hash(lft.spec):
                         # Suspended, edited or gone meanwhile: what was made for it goes; the next pass decides.
@@ -247,9 +245,8 @@ def _ref(run: RunSnapshot) -> dict[str, Any]:
 
 
 def _admissible(body: dict[str, Any] | None) -> bool:
-    """A run admission may start: there, not being deleted, Queued and not suspended."""
-    return (body is not None and not body["metadata"].get("deletionTimestamp")
-            and (body.get("status") or {}).get("phase") == "Queued" and not body["spec"].get("suspend"))
+    """A run (read_run) admission may start: there, Queued and not suspended."""
+    return body is not None and (body.get("status") or {}).get("phase") == "Queued" and not body["spec"].get("suspend")
 
 
 async def admission_loop(rt: Runtime, admitter: Admitter) -> None:

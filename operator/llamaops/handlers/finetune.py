@@ -15,15 +15,16 @@ from llamaops.api.validation import validate_finetune
 from llamaops.builders.finetune import Names
 from llamaops.handlers.runtime import Runtime, in_scope, runtime
 from llamaops.handlers.workload import (
-    WorkloadConflict,
     create_workload,
     fail_conflict,
     manifest,
     patch_status,
     placement,
+    read_run,
     remove_job,
     remove_report,
 )
+from llamaops.kube import NotOwned
 from llamaops.state.finetune import Action, RunSnapshot, State, decide, run_hash
 
 
@@ -47,12 +48,12 @@ async def reconcile(meta: kopf.Meta, reason: kopf.Reason, logger: logging.Logger
     # One writer per run: admission and the Job handler take the same lock, and all read the run afresh
     # under it, so none acts on a status another has just changed.
     async with rt.lock(KIND_FINETUNE, meta["namespace"], meta["name"]):
-        body = await rt.kube.get_finetune(meta["namespace"], meta["name"])
-        if body is None or body["metadata"].get("deletionTimestamp"):
+        body = await read_run(rt, meta["namespace"], meta["name"])
+        if body is None:
             return
         try:
             await _reconcile(rt, body, reason == kopf.Reason.RESUME, logger)
-        except WorkloadConflict as exc:
+        except NotOwned as exc:
             await fail_conflict(rt, body, exc)
 
 

@@ -28,7 +28,8 @@ from llamaops.builders.finetune import CONTAINER, Names
 from llamaops.builders.naming import controller_of
 from llamaops.handlers.finetune import submit
 from llamaops.handlers.runtime import Runtime, runtime
-from llamaops.handlers.workload import WorkloadConflict, create_workload, fail_conflict, parse, placement
+from llamaops.handlers.workload import create_workload, fail_conflict, parse, placement, read_run
+from llamaops.kube import NotOwned
 from llamaops.state.finetune import (
     ACTIVE,
     DONE,
@@ -72,8 +73,8 @@ async def job_event(type: str, body: kopf.Body, namespace: str, memo: kopf.Memo,
 
 async def _job_changed(rt: Runtime, type: str, body: kopf.Body, namespace: str, owner: str,  # noqa: A002
                        node_index: kopf.Index, logger: logging.Logger) -> None:
-    lft_body = await rt.kube.get_finetune(namespace, owner)
-    if lft_body is None or lft_body["metadata"].get("deletionTimestamp"):
+    lft_body = await read_run(rt, namespace, owner)
+    if lft_body is None:
         return  # the run is going away (a foreground deletion removes its Job first): nothing to restore
     run = RunSnapshot.of(lft_body)
     job = await _job_view(rt, body, run, deleted=type == "DELETED")
@@ -87,7 +88,7 @@ async def _job_changed(rt: Runtime, type: str, body: kopf.Body, namespace: str, 
         # What the trainer reported, read now: its last write came before its pod ended.
         report = await rt.kube.get("ConfigMap", namespace, Names.of(run.name).report)
         adapter, missing = completed_adapter(lft, Report.of((report or {}).get("data")))
-    outcomes = job_outcome(run, job, max_restarts=lft.spec.max_restarts, external=rt.policy.external, lost=lost,
+    outcomes = job_outcome(run, job, max_restarts=run.max_restarts, external=rt.policy.external, lost=lost,
                            adapter_missing=missing)
     if job.failed and not job.deleted and outcomes and not rt.first_failure(body["metadata"]["uid"]):
         return  # this Job's failure was acted on already (its FailureTarget, now its Failed condition)
@@ -101,16 +102,14 @@ async def carry_out(rt: Runtime, namespace: str, name: str, run_hash: str | None
     """Outcomes decided from the indexes (the watchdog), carried out under the run's lock on the run read afresh,
     if it is still the same admitted run."""
     async with rt.lock(KIND_FINETUNE, namespace, name):
-        lft_body = await rt.kube.get_finetune(namespace, name)
-        if lft_body is None or lft_body["metadata"].get("deletionTimestamp"):
-            return
-        run = RunSnapshot.of(lft_body)
-        if run.phase not in ACTIVE or run.run_hash != run_hash:
-            return  # it moved on meanwhile
-        job = {"metadata": {"name": Names.of(name).job, "namespace": namespace}}
+        lft_body = await read_run(rt, namespace, name)
+        run = RunSnapshot.of(lft_body) if lft_body is not None else None
+        if run is None or run.phase not in ACTIVE or run.run_hash != run_hash:
+            return  # gone, or it moved on meanwhile
+        lft, job = parse(lft_body), {"metadata": {"name": Names.of(name).job, "namespace": namespace}}
         conditions = list(run.conditions)
         for outcome in outcomes:
-            conditions = await _carry_out(rt, outcome, parse(lft_body), lft_body, run, job, conditions, None)
+            conditions = await _carry_out(rt, outcome, lft, lft_body, run, job, conditions, None)
 
 
 async def _carry_out(rt: Runtime, o: Outcome, lft: LlamaFineTune, lft_body: dict[str, Any], run: RunSnapshot,
@@ -126,7 +125,7 @@ async def _carry_out(rt: Runtime, o: Outcome, lft: LlamaFineTune, lft_body: dict
     if o.step is Step.RECREATE:  # a gang restart, or someone deleted it: the run goes on
         try:
             await create_workload(rt, lft, placement(rt, run))
-        except WorkloadConflict as exc:
+        except NotOwned as exc:
             await fail_conflict(rt, lft_body, exc)
     elif o.step is Step.SUCCEED:
         assert adapter is not None  # completed_adapter found it, else the outcome is AdapterMissing
@@ -154,27 +153,22 @@ async def _carry_out(rt: Runtime, o: Outcome, lft: LlamaFineTune, lft_body: dict
         await rt.kube.delete_owned("Job", run.namespace, job["metadata"]["name"], run.uid)
     elif o.step is Step.REQUEUE:
         # Queued first: the Job's deletion event must find the run no longer active.
-        conditions = st.set_condition(conditions, st.RUNNING, False, o.reason, o.message, gen)
-        conditions = st.set_condition(conditions, st.ADMITTED, False, o.reason, o.message, gen)
-        conditions = st.set_condition(conditions, st.QUEUED, True, o.reason, o.message, gen)
+        conditions = st.requeued(conditions, o.reason, o.message, gen)
         await patch({"phase": "Queued", "restarts": o.restarts, "conditions": conditions, "assignedNodes": None})
         await rt.kube.event(lft_body, "Warning", reason=o.reason, message=o.message[:1024])
         await rt.kube.delete_owned("Job", run.namespace, job["metadata"]["name"], run.uid)
         if rt.policy.external:
             try:
                 await submit(rt, lft, lft_body, run.run_hash or "")
-            except WorkloadConflict as exc:
+            except NotOwned as exc:
                 await fail_conflict(rt, lft_body, exc)
         rt.wake.set()
     elif o.step is Step.EVICT:
-        conditions = st.set_condition(conditions, st.RUNNING, False, o.reason, o.message, gen)
-        conditions = st.set_condition(conditions, st.ADMITTED, False, o.reason, o.message, gen)
-        conditions = st.set_condition(conditions, st.QUEUED, True, o.reason, o.message, gen)
+        conditions = st.requeued(conditions, o.reason, o.message, gen)
         await patch({"phase": "Queued", "conditions": conditions})
         await rt.kube.event(lft_body, "Warning", reason=o.reason, message=o.message)
     elif o.step is Step.ADMIT:
-        conditions = st.set_condition(conditions, st.QUEUED, False, o.reason, o.message, gen)
-        conditions = st.set_condition(conditions, st.ADMITTED, True, o.reason, o.message, gen)
+        conditions = st.admitted(conditions, o.reason, o.message, gen)
         await patch({"phase": "Admitted", "conditions": conditions, "queuePosition": None})
         metrics.admitted(status, rt.policy.name)
     elif o.step is Step.START:

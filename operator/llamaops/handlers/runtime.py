@@ -32,7 +32,7 @@ class Runtime:
     # one to run opens the admission loop, so it never sees half-listed capacity.
     indexes_ready: asyncio.Event = field(default_factory=asyncio.Event)
     overtaken: dict[str, int] = field(default_factory=dict)
-    # One writer per object at a time (a run's reconcile, admission, Job and report handlers; a serve's
+    # One writer per object at a time (a run's reconcile, admission, Job and watchdog handlers; a serve's
     # triggers): a lock per (kind, namespace, name), dropped once nobody holds or waits for it.
     _locks: weakref.WeakValueDictionary[tuple[str, str, str], asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary)

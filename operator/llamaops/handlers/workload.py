@@ -45,29 +45,22 @@ def placement(rt: Runtime, run: RunSnapshot) -> Placement:
     return Placement(nodes=run.assigned_nodes)
 
 
-class WorkloadConflict(Exception):
-    """A child's name is taken by an object the run does not control (kube.NotOwned): the run cannot start."""
-
-
 async def create_workload(rt: Runtime, lft: LlamaFineTune, where: Placement) -> None:
     """Everything the Job's pods use first (together), then the Job.
 
     The Job is created, not applied: its pod template is immutable, and a changed spec gets a new Job. A Job
     already there is taken only when it is this spec's for this placement (its run hash, and the nodes admission
     counted its GPUs on); another, left by a crash between its creation and the status that records it, is
-    deleted and made again (kept, its pods would hold GPUs the status says are elsewhere). Raises
-    WorkloadConflict when a name is taken by an object the run does not control (never adopted)."""
+    deleted and made again (kept, its pods would hold GPUs the status says are elsewhere). Raises kube.NotOwned
+    when a name is taken by an object the run does not control (never adopted)."""
     w = workload(lft, rt.settings, where)
-    try:
-        await asyncio.gather(*(rt.kube.apply(m) for m in w.in_creation_order() if m["kind"] != "Job"))
-        existing = await rt.kube.create(w.job)
-        if existing is not None and _made_for(existing) != _made_for(w.job):
-            await rt.kube.delete_owned("Job", existing["metadata"]["namespace"], existing["metadata"]["name"],
-                                       lft.metadata.uid)
-            if await rt.kube.create(w.job) is not None:
-                raise RuntimeError(f"Job {w.job['metadata']['name']} of an earlier spec is still being deleted")
-    except NotOwned as exc:
-        raise WorkloadConflict(str(exc)) from None
+    await asyncio.gather(*(rt.kube.apply(m) for m in w.in_creation_order() if m["kind"] != "Job"))
+    existing = await rt.kube.create(w.job)
+    if existing is not None and _made_for(existing) != _made_for(w.job):
+        await rt.kube.delete_owned("Job", existing["metadata"]["namespace"], existing["metadata"]["name"],
+                                   lft.metadata.uid)
+        if await rt.kube.create(w.job) is not None:
+            raise RuntimeError(f"Job {w.job['metadata']['name']} of an earlier spec is still being deleted")
 
 
 def _made_for(job: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -75,7 +68,13 @@ def _made_for(job: dict[str, Any]) -> tuple[str | None, str | None]:
     return annotations.get(ANNOTATION_RUN_HASH), annotations.get(ANNOTATION_PLACEMENT)
 
 
-async def fail_conflict(rt: Runtime, body: Any, exc: WorkloadConflict) -> None:
+async def read_run(rt: Runtime, namespace: str, name: str) -> dict[str, Any] | None:
+    """The run as the server has it now; None when it is gone or going (its children go with it)."""
+    body = await rt.kube.get_finetune(namespace, name)
+    return None if body is None or body["metadata"].get("deletionTimestamp") else body
+
+
+async def fail_conflict(rt: Runtime, body: Any, exc: NotOwned) -> None:
     """The run cannot get its workload: Failed, with a Conflict condition and Event naming the object."""
     meta = body["metadata"]
     conditions = st.set_condition((body.get("status") or {}).get("conditions"), st.CONFLICT, True, "NotOwned",

@@ -36,7 +36,6 @@ class ServeContext:
     adapters: list[ResolvedAdapter]
     adapter_paths: Mapping[str, str]  # adapter name -> where the server finds it (a mount, or an hf repo id)
     model_path: str  # the base model as the server names it (a mount for pvc://, else the repo id)
-    settings: Settings
     config_dir: str  # where the runtime's files (Server.files) are mounted
 
 

@@ -361,7 +361,7 @@ def workload(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Setting
     """All children of a LlamaServe. Raises ServeError when the adapters cannot be served together."""
     runtime = runtime_of(lsv)
     ctx = ServeContext(adapters=adapters, adapter_paths={a.name: adapter_path(a) for a in adapters},
-                       model_path=model_path(lsv), settings=settings, config_dir=runtime.config_dir)
+                       model_path=model_path(lsv), config_dir=runtime.config_dir)
     server = runtime.server(lsv, ctx)
     config_maps = []
     if server.files:
