@@ -15,9 +15,10 @@ $(BIN)/llamaops: pyproject.toml operator/dev/pyproject.toml
 
 venv: $(BIN)/llamaops
 
-# Real Kubernetes binaries built from the Go module proxy into a cache keyed by version.
+# Real Kubernetes binaries (and Ollama, for the dev node's Ollama serving) built from the Go module proxy
+# into a cache keyed by version.
 binaries:
-	@hack/build-binaries.sh
+	@hack/build-binaries.sh && hack/build-ollama.sh
 
 # Render crds/ (and the chart's crds/) from the API models.
 crds: venv
@@ -39,6 +40,7 @@ unit: venv
 # pytest's exit 5 (nothing collected) is a broken suite, so it fails too.
 test: venv
 	@LLAMAOPS_BIN_DIR=$$(hack/build-binaries.sh) && export LLAMAOPS_BIN_DIR && \
+	  LLAMAOPS_OLLAMA_BIN_DIR=$$(hack/build-ollama.sh) && export LLAMAOPS_OLLAMA_BIN_DIR && \
 	  $(BIN)/pytest -q -rs $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -12,8 +12,12 @@
 #      Job mounts, reports progress into the object's status with the run's own
 #      ServiceAccount, and leaves the adapter on the PVC
 #   5. the operator marks the run Succeeded with the adapter's location
-#   6. `kubectl apply -f examples/tiny-llama-serve.yaml`: a LlamaServe whose vLLM
-#      Deployment mounts exactly that adapter (kwok simulates its GPU pod): Ready
+#   6. `kubectl apply -f examples/tiny-llama-serve.yaml`: a LlamaServe whose Ollama
+#      Deployment mounts exactly that adapter; the dev node runs its pod (a real
+#      Ollama, built from the Go module proxy by hack/build-ollama.sh) and publishes
+#      its Service on 127.0.0.1: Ready
+#   7. one chat completion from the adapter and the same question to the base model,
+#      through that endpoint (llamaops chat), which stays up for curl
 #
 # Everything stays up; `hack/demo.sh down` stops the operator, the dev node and the cluster.
 set -euo pipefail
@@ -85,6 +89,7 @@ on_exit() {
 trap on_exit EXIT
 
 bin=$(hack/build-binaries.sh)
+ollama_bin=$(hack/build-ollama.sh)
 mkdir -p "$demo"
 
 say "local control plane"
@@ -106,7 +111,8 @@ say "the dev node: pods bound to '$node' run as processes of this venv"
 cpus=$(nproc)
 [ "$cpus" -lt 2 ] && cpus=2  # the example asks for 2 CPUs; the dev node time-shares them
 # The trainer patches status every second (not 5), so the short demo run shows its progress.
-LLAMAOPS_PROGRESS_INTERVAL=1 $python -m llamaops_dev.devnode --kubeconfig "$kubeconfig" --name $node --work-dir "$demo/devnode" \
+# Its pods find `ollama` on PATH (the LlamaServe's pod runs `ollama serve`).
+PATH="$ollama_bin:$PATH" LLAMAOPS_PROGRESS_INTERVAL=1 $python -m llamaops_dev.devnode --kubeconfig "$kubeconfig" --name $node --work-dir "$demo/devnode" \
   --cpu "$cpus" > "$demo/devnode.log" 2>&1 &
 echo $! > "$devnode_pid"
 ready=""
@@ -132,10 +138,9 @@ $llamaops validate -f examples/llama-3.3-70b-qlora.yaml -f examples/llama-3.1-8b
 
 say "a tiny Llama and a chat dataset on the demo PVC"
 mkdir -p "$demo/pvc/$ns/models" "$demo/pvc/$ns/datasets"
-if [ ! -f "$demo/pvc/$ns/models/tiny-llama/config.json" ]; then
-  $python -m llamaops_trainer.tiny --model-dir "$demo/pvc/$ns/models/tiny-llama" \
-    --dataset "$demo/pvc/$ns/datasets/chat.jsonl"
-fi
+# Made afresh each time (a few seconds; fixed seeds, so the same files unless the generator changed).
+$python -m llamaops_trainer.tiny --model-dir "$demo/pvc/$ns/models/tiny-llama" \
+  --dataset "$demo/pvc/$ns/datasets/chat.jsonl"
 k get namespace $ns >/dev/null 2>&1 || k create namespace $ns >/dev/null
 # A hostPath volume: the dev node uses that directory as the claim, as a kubelet would mount it.
 k apply -f - >/dev/null <<YAML
@@ -201,12 +206,12 @@ if [ $watched -ne 0 ]; then
 fi
 
 # ------------------------------------------------------------------ serving
-say "kubectl apply -f examples/tiny-llama-serve.yaml (vLLM serving the adapter; kwok plays its GPU pod)"
+say "kubectl apply -f examples/tiny-llama-serve.yaml (Ollama serving the adapter, a process on the dev node)"
 serve=tiny-llama
 k delete lsv -n $ns $serve --ignore-not-found --wait=true >/dev/null
 k apply -n $ns -f examples/tiny-llama-serve.yaml
 sphase=""
-for _ in $(seq 240); do  # up to 2 minutes
+for _ in $(seq 360); do  # up to 3 minutes
   sphase=$(k get lsv -n $ns $serve -o jsonpath='{.status.phase}' 2>/dev/null || true)
   case $sphase in Ready|Failed) break ;; esac
   sleep 0.5
@@ -214,9 +219,32 @@ done
 if [ "$sphase" != Ready ]; then
   err "the LlamaServe is ${sphase:-not reconciled}: $(k get lsv -n $ns $serve -o jsonpath='{.status.conditions[?(@.status=="False")].message}' 2>/dev/null)"
   echo "operator log: $demo/operator.log" >&2
+  for pod in $(k get pods -n $ns -l llamaops.io/serve=$serve -o jsonpath='{.items[*].metadata.name}'); do
+    echo "--- pod $pod, last lines of $demo/devnode/pods/$ns/$pod/server.log:" >&2
+    tail -n 20 "$demo/devnode/pods/$ns/$pod/server.log" >&2 2>/dev/null || true
+  done
   exit 1
 fi
-echo "vllm serve $(k get deploy -n $ns $serve -o jsonpath='{.spec.template.spec.containers[0].args}')"
+local_endpoint=""
+for _ in $(seq 20); do  # the dev node publishes the Service on 127.0.0.1 within a second or two
+  local_endpoint=$(k get svc -n $ns $serve -o jsonpath='{.metadata.annotations.llamaops\.io/local-endpoint}' 2>/dev/null || true)
+  [ -n "$local_endpoint" ] && break
+  sleep 0.5
+done
+[ -n "$local_endpoint" ] || { err "the dev node did not publish Service $serve on 127.0.0.1 (see $demo/devnode.log)"; exit 1; }
+
+say "asking it (llamaops chat $serve): the adapter, then the base model"
+question="what colour does alice like?"
+echo "Q: $question"
+for who in adapter base; do
+  model=()
+  [ $who = adapter ] && model=(--adapter k8s-tiny)
+  answer=$($llamaops chat -n $ns $serve "${model[@]}" --no-stream --max-tokens 24 "$question" 2>"$demo/chat.err") \
+    || { err "llamaops chat $serve ${model[*]} failed:"; cat "$demo/chat.err" >&2; exit 1; }
+  label="A (base model):"
+  [ $who = adapter ] && label="A (adapter k8s-tiny):"
+  printf '%-22s %s\n' "$label" "$answer"
+done
 
 say "done"
 k get lft,lsv -n $ns -o wide
@@ -226,7 +254,10 @@ echo
 echo "adapter: $(k get lft -n $ns $run -o jsonpath='{.status.adapter.uri}')"
 echo "  = $out/adapter:"
 ls "$out/adapter" | sed 's/^/    /'
-echo "served:  $(k get lsv -n $ns $serve -o jsonpath='{.status.endpoint}') as model k8s-tiny"
+echo "served:  $(k get lsv -n $ns $serve -o jsonpath='{.status.endpoint}') as model k8s-tiny (in the cluster)"
+echo "endpoint (local): http://$local_endpoint/v1"
+echo "  curl http://$local_endpoint/v1/chat/completions -d '{\"model\": \"k8s-tiny\", \"messages\": [{\"role\": \"user\", \"content\": \"$question\"}]}'"
+echo "  KUBECONFIG=$kubeconfig $llamaops chat -n $ns $serve --adapter k8s-tiny \"what colour does bob like?\""
 echo "metrics: $out/metrics.jsonl"
 echo "trainer: $demo/devnode/pods/$ns/$pod/trainer.log"
 echo "events:  KUBECONFIG=$kubeconfig $bin/kubectl get events -n $ns"

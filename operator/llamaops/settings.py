@@ -11,7 +11,7 @@ from llamaops.state.policy import Policy
 DEFAULT_TRAINER_IMAGE = "ghcr.io/llamaops/trainer:0.1.0"
 # The vLLM release whose argument parser bench/vllm_args.py checks our `vllm serve` arguments against.
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
-DEFAULT_OLLAMA_IMAGE = "ollama/ollama:0.12.6"
+DEFAULT_OLLAMA_IMAGE = "ollama/ollama:0.17.4"  # the version hack/build-ollama.sh builds and the tests run
 # Fetches s3:// adapters for serving (`aws s3 sync` in an init container).
 DEFAULT_ADAPTER_FETCH_IMAGE = "amazon/aws-cli:2.31.13"
 

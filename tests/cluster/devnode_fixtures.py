@@ -12,12 +12,19 @@ from typing import Any
 from kubetest import wait_until
 from llamaops_dev.devcluster.processes import log_tail
 from llamaops_dev.devnode import runner
+from local_binaries import ollama_binary
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = "local-cpu"
 # What pods on the dev node need to reach it: its label, and a toleration of its taint.
 PLACEMENT = {"nodeSelector": {"llamaops.io/dev-node": "true"},
              "tolerations": [{"key": "llamaops.io/dev-node", "operator": "Exists", "effect": "NoSchedule"}]}
+
+
+def ollama_dir() -> str | None:
+    """The directory of the `ollama` the serving tests put on the agent's PATH; None when there is none."""
+    binary = ollama_binary()
+    return str(binary.parent) if binary else None
 
 
 class DevNodeProcess:
@@ -35,8 +42,12 @@ class DevNodeProcess:
         # Pods inherit OMP_NUM_THREADS, HF_HUB_OFFLINE and LLAMAOPS_PROGRESS_INTERVAL (the agent's default
         # --pass-env): status patches every 0.5 s (not 5), as a tiny run trains in seconds and tests look for
         # progress on the way. PYTHONUNBUFFERED is for the agent's own log (the trainer's pods get it from the Job).
+        # `ollama` on PATH for Ollama LlamaServes, logging each prompt it renders (OLLAMA_DEBUG=2).
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-                   LLAMAOPS_PROGRESS_INTERVAL="0.5")
+                   LLAMAOPS_PROGRESS_INTERVAL="0.5", OLLAMA_DEBUG="2")
+        ollama = ollama_dir()
+        if ollama:
+            env["PATH"] = os.pathsep.join([ollama, env.get("PATH", "/usr/bin:/bin")])
         env.pop("KUBECONFIG", None)  # pods must not find the admin's credentials
         cmd = [sys.executable, "-m", "llamaops_dev.devnode", f"--kubeconfig={self.kubeconfig}", f"--name={self.name}",
                f"--work-dir={self.work_dir}", f"--cpu={self.cpu}", f"--memory={self.memory}"]

@@ -11,8 +11,9 @@ The steps share one module (one agent, one operator) and run in order:
     1. a tiny Llama on one node: Succeeded, the operator's command line ran,
        progress reported during training under the run's ServiceAccount,
        the adapter on the claim with the right base model
-    2. serving that adapter: a LlamaServe Ready, its Deployment naming exactly
-       the adapter (the vLLM pod is simulated by kwok on a GPU node)
+    2. serving that adapter with Ollama on the dev node: the chat completion is
+       the trained model's answer, the served prompt the trained one; re-training
+       rolls out with no failed request; deleting the serve stops Ollama
     3. the same on `nodes: 2`: two processes, gloo rendezvous through the
        headless Service name (mapped to 127.0.0.1 on the dev node)
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +32,8 @@ from typing import Any
 
 import pytest
 import yaml
-from devnode_fixtures import NODE, DevNodeProcess
+from devnode_fixtures import NODE, DevNodeProcess, ollama_dir
+from kubetest import wait_until
 from llamaops_dev.devcluster.processes import log_tail
 from operator_fixtures import Cluster, crd_namespace, running_operator
 
@@ -170,7 +173,7 @@ def test_1_a_tiny_llama_trains_on_the_dev_node(e2e: dict[str, Any], kubectl) -> 
     assert "f:progress" in writers["llamaops-trainer"]["fieldsV1"]["f:data"]
     assert json.loads(report["data"]["progress"])["step"] == MAX_STEPS
     assert json.loads(report["data"]["adapter"])["r"] == status["adapter"]["r"]
-    token = (Path(record["root"]) / SA_DIR / "token").read_text()
+    token = (Path(record["mounts"]["/" + SA_DIR]) / "token").read_text()
     claims = _jwt_claims(token)
     assert claims["sub"] == f"system:serviceaccount:{ns}:{name}-trainer"
     assert claims["kubernetes.io"]["pod"]["name"] == pod["metadata"]["name"]  # bound to the pod
@@ -184,50 +187,197 @@ def test_1_a_tiny_llama_trains_on_the_dev_node(e2e: dict[str, Any], kubectl) -> 
     assert status["adapter"]["uri"] == f"pvc://{CLAIM}/adapters/{name}/adapter"
 
 
-def test_2_the_adapter_is_served(e2e: dict[str, Any], kubectl) -> None:
-    """examples/tiny-llama-serve.yaml for test_1's run: Ready (kwok plays the vLLM pod on a GPU node),
-    its Deployment serving exactly that adapter, read-only from the claim, with the run's system prompt."""
+QUESTION = "what colour does alice like?"
+
+
+def _local_endpoint(c: Cluster, service: str) -> str:
+    """http://127.0.0.1:PORT/v1: where the dev node publishes the Service on this machine."""
+    def published() -> str | None:
+        return ((c.get("service", service).get("metadata") or {}).get("annotations") or {}).get(
+            "llamaops.io/local-endpoint")
+    return f"http://{wait_until(published, f'Service {service} published on 127.0.0.1', timeout=30)}/v1"
+
+
+def _chat(endpoint: str, model: str, question: str = QUESTION, timeout: float = 60) -> dict[str, Any]:
+    import urllib.request
+
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
+                       "max_tokens": 24}).encode()
+    req = urllib.request.Request(f"{endpoint}/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _versioned(endpoint: str, adapter: str) -> str:
+    """The adapter's versioned name among the models the server lists (`<name>:<version>`, besides :latest)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{endpoint}/models", timeout=30) as resp:
+        ids = [m["id"] for m in json.loads(resp.read())["data"]]
+    [name] = [i for i in ids if i.startswith(f"{adapter}:") and i != f"{adapter}:latest"]
+    return name
+
+
+def _trained_answer(data: Path, adapter_dir: Path, system_prompt: str, question: str = QUESTION
+                    ) -> tuple[str, str, int]:
+    """What the trained model answers, by transformers + peft on the CPU, greedy: (answer, the prompt the
+    trainer's chat template renders, its token count)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = data / "models" / "tiny-llama"
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                      adapter_dir).eval()
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=24, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), prompt, ids.shape[1]
+
+
+def _wait_serving(c: Cluster, name: str, operator, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (status := c.get("lsv", name).get("status") or {}).get("phase") != "Ready":
+        assert status.get("phase") != "Failed" and time.monotonic() < deadline, f"{status}\n{operator.tail()}"
+        time.sleep(0.5)
+    return status
+
+
+def test_2_the_adapter_answers_through_ollama_on_the_dev_node(e2e: dict[str, Any], kubectl) -> None:
+    """examples/tiny-llama-serve.yaml for test_1's run: Ollama (a real one, built from the Go module proxy) runs as
+    the dev node's process with the pod's argv and Modelfiles; the chat completion through the Service's local
+    port is what the trained model answers, while the base model answers otherwise; the served prompt is the
+    trained one, byte for byte and token for token."""
     if "tiny" not in e2e["runs"]:
         pytest.skip("test_1 did not train the adapter")
-    ns, c = e2e["ns"], e2e["cluster"]
+    if ollama_dir() is None:
+        pytest.skip("no ollama binary: `make test` builds it (hack/build-ollama.sh; LLAMAOPS_OLLAMA_BIN_DIR)")
+    ns, c, agent = e2e["ns"], e2e["cluster"], e2e["agent"]
     adapter = e2e["runs"]["tiny"]["status"]["adapter"]
     doc = yaml.safe_load((REPO / "examples" / "tiny-llama-serve.yaml").read_text())
     doc["spec"]["model"]["base_model"] = f"pvc://{CLAIM}/models/tiny-llama"
     doc["spec"]["adapters"] = [{"name": "k8s-tiny", "fineTuneRef": "tiny"}]
     c.apply(doc)
     name = doc["metadata"]["name"]
-
-    deadline = time.monotonic() + 120
-    while (status := c.get("lsv", name).get("status") or {}).get("phase") != "Ready":
-        assert status.get("phase") != "Failed" and time.monotonic() < deadline, \
-            f"{status}\n{e2e['operator'].tail()}"
-        time.sleep(0.5)
+    status = _wait_serving(c, name, e2e["operator"])
     assert status["readyReplicas"] == 1 and status["adapterNames"] == "k8s-tiny"
-    [served] = status["adapters"]
-    assert served["uri"] == adapter["uri"] and served["name"] == "k8s-tiny"
-    assert status["endpoint"] == f"http://{name}.{ns}.svc:8000/v1"
-
+    [pod] = [p for p in c.get("pod", selector=f"llamaops.io/serve={name}")["items"]
+             if not p["metadata"].get("deletionTimestamp")]
+    assert pod["spec"]["nodeName"] == NODE and pod["status"]["podIP"].startswith("127.77.")
+    # Whatever the pod spec says is what ran: the same argv, the Modelfiles of its ConfigMap.
+    record = agent.record(ns, pod["metadata"]["name"], "server")
     dep = c.get("deployment", name)
-    pod = dep["spec"]["template"]["spec"]
-    [server] = pod["containers"]
-    args = server["args"]
-    module = json.loads(args[args.index("--lora-modules") + 1])
-    assert module["name"] == "k8s-tiny"
-    # The path vLLM loads is the run's adapter directory on its claim, mounted read-only.
-    [mount] = [m for m in server["volumeMounts"] if m["mountPath"] == module["path"]]
-    assert mount["readOnly"] is True
-    claim_path = adapter["uri"].removeprefix(f"pvc://{CLAIM}/")
-    assert mount["subPath"] == claim_path
-    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-    assert volume["persistentVolumeClaim"]["claimName"] == CLAIM
-    assert (e2e["data"] / claim_path / "adapter_config.json").is_file()
-    # The system prompt the run trained with is the served default.
-    assert "--chat-template" in args
-    template = c.get("configmap", f"{name}-chat-template")
-    assert json.dumps(adapter["systemPrompt"])[1:-1] in "".join(template["data"].values())
-    ready = [p for p in c.get("pod", selector=f"llamaops.io/serve={name}")["items"]
-             if any(cond["type"] == "Ready" and cond["status"] == "True" for cond in p["status"].get("conditions", []))]
-    assert len(ready) == 1 and ready[0]["spec"]["nodeName"] != NODE  # a simulated GPU node, not the dev node
+    assert record["argv"] == dep["spec"]["template"]["spec"]["containers"][0]["command"]
+    modelfile = c.get("configmap", f"{name}-modelfiles")["data"]["model-1"]
+    assert "ADAPTER ../../../var/lib/llamaops/ollama/adapters/k8s-tiny" in modelfile
+    assert f'SYSTEM """{adapter["systemPrompt"]}"""' in modelfile
+
+    endpoint = _local_endpoint(c, name)
+    tuned = _chat(endpoint, "k8s-tiny")
+    base = _chat(endpoint, name)
+    expected, prompt, prompt_tokens = _trained_answer(e2e["data"], e2e["data"] / "adapters" / "tiny" / "adapter",
+                                                      adapter["systemPrompt"])
+    answer = tuned["choices"][0]["message"]["content"]
+    assert answer == expected, f"Ollama served {answer!r}; the trained model answers {expected!r}"
+    assert re.fullmatch(r"\s*\w+ likes \w+\.", answer), answer  # the trained phrasing ...
+    assert base["choices"][0]["message"]["content"] != answer  # ... which the base model does not answer
+    # The served prompt is the trainer's: the same token count (Ollama's usage), and the same text, which
+    # Ollama's trace log prints (OLLAMA_DEBUG=2, passed to the pod by the agent); Ollama adds the BOS token
+    # when tokenizing, the trainer's template writes it.
+    assert tuned["usage"]["prompt_tokens"] == prompt_tokens
+    logged = agent.container_log(ns, pod["metadata"]["name"], "server")
+    rendered = re.findall(r'msg="completion request" prompt="((?:[^"\\]|\\.)*)"', logged)
+    assert rendered, logged[-2000:]
+    assert "<|begin_of_text|>" + json.loads(f'"{rendered[0]}"') == prompt
+    # The same weights under a name that changes with them: a client can tell which adapter version answers.
+    versioned = _versioned(endpoint, "k8s-tiny")
+    assert _chat(endpoint, versioned)["choices"][0]["message"]["content"] == answer
+    e2e["serve"] = {"name": name, "endpoint": endpoint, "answer": answer, "pod": pod, "versioned": versioned}
+
+
+def test_2b_retraining_rolls_out_without_a_failed_request(e2e: dict[str, Any]) -> None:
+    """Re-train the served run on changed data: the serve rolls out the new adapter; a poller asking the adapter
+    all along gets no error (new replica Ready before the old goes; the old one drains before SIGTERM)."""
+    if "serve" not in e2e:
+        pytest.skip("test_2 did not serve the adapter")
+    from llamaops_trainer import tiny
+
+    c, served = e2e["cluster"], e2e["serve"]
+    # The same questions, another fact to learn: each name's colour moves three places on.
+    rows = tiny.synthetic_chats(128, max_filler=12)
+    colours = tiny.COLOURS
+    for row in rows:
+        said = row["messages"][1]["content"]
+        who, colour = said.removesuffix(".").split(" likes ")
+        row["messages"][1]["content"] = f"{who} likes {colours[(colours.index(colour) + 3) % len(colours)]}."
+    tiny.write_jsonl(e2e["data"] / "datasets" / "chat-v2.jsonl", rows)
+
+    failures: list[str] = []
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(_chat(served["endpoint"], "k8s-tiny", timeout=30)["choices"][0]["message"]["content"])
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                failures.append(repr(exc))
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        doc = _manifest("tiny")
+        doc["spec"]["dataset"]["pvc"]["path"] = "datasets/chat-v2.jsonl"
+        c.apply(doc)
+        old = served["pod"]["metadata"]["name"]
+
+        def rolled() -> bool:
+            pods = c.get("pod", selector=f"llamaops.io/serve={served['name']}")["items"]
+            return bool(pods) and all(p["metadata"]["name"] != old for p in pods) and all(
+                any(x["type"] == "Ready" and x["status"] == "True" for x in p["status"].get("conditions", []))
+                for p in pods)
+        wait_until(rolled, "the retrained adapter rolled out", timeout=480, interval=1)
+        time.sleep(1)
+    finally:
+        stop.set()
+        poller.join(timeout=60)
+    status = c.status("tiny")
+    assert status["phase"] == "Succeeded"
+    expected, _, _ = _trained_answer(e2e["data"], e2e["data"] / "adapters" / "tiny" / "adapter",
+                                     status["adapter"]["systemPrompt"])
+    now = _chat(served["endpoint"], "k8s-tiny")["choices"][0]["message"]["content"]
+    assert now == expected and now != served["answer"], (now, expected, served["answer"])
+    assert failures == [], f"{len(failures)} of {len(failures) + len(answers)} requests failed: {failures[:5]}"
+    assert len(answers) > 10 and answers[-1] == now and served["answer"] in answers  # both adapters answered
+    assert _versioned(served["endpoint"], "k8s-tiny") != served["versioned"]  # a new name for new weights
+
+
+def test_2c_deleting_the_serve_stops_ollama_and_frees_its_ports(e2e: dict[str, Any]) -> None:
+    if "serve" not in e2e:
+        pytest.skip("test_2 did not serve the adapter")
+    ns, c, agent, served = e2e["ns"], e2e["cluster"], e2e["agent"], e2e["serve"]
+    pods = c.get("pod", selector=f"llamaops.io/serve={served['name']}")["items"]
+    records = [agent.record(ns, p["metadata"]["name"], "server") for p in pods]
+    addresses = [(p["status"]["podIP"], 11434) for p in pods]
+    host, port = served["endpoint"].removeprefix("http://").removesuffix("/v1").split(":")
+    c.kubectl("delete", "lsv", "-n", ns, served["name"], "--wait=true", "--timeout=120s")
+
+    def gone() -> bool:
+        return not c.get("pod", selector=f"llamaops.io/serve={served['name']}")["items"]
+    wait_until(gone, "the serving pods deleted", timeout=120)
+
+    def closed(address: tuple[str, int]) -> bool:
+        import socket
+        with socket.socket() as s:
+            return s.connect_ex(address) != 0
+    for record in records:  # the process group: the shell, `ollama serve` and its runners
+        wait_until(lambda r=record: not Path(f"/proc/{r['pid']}").exists(), f"pid {record['pid']} gone", timeout=30)
+    for address in [*addresses, (host, int(port))]:
+        wait_until(lambda a=address: closed(a), f"{address} closed", timeout=30)
 
 
 def test_3_two_nodes_rendezvous_over_gloo_through_the_headless_service(e2e: dict[str, Any]) -> None:

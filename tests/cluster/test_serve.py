@@ -279,7 +279,10 @@ def test_ollama_runtime_serves_the_adapter_through_a_modelfile(c: Serving) -> No
     status = c.wait_serve("olla", "Ready", check=lambda s: s.get("readyReplicas") == 1)
     assert status["endpoint"] == f"http://olla.{c.ns}.svc:11434/v1"
     ctr = c.deployment("olla")["spec"]["template"]["spec"]["containers"][0]
-    assert ctr["image"].startswith("ollama/ollama:") and "ollama create k8s-assistant" in ctr["command"][2]
+    assert ctr["image"].startswith("ollama/ollama:") and 'ollama create "$model"' in ctr["command"][2]
+    models = ctr["command"][ctr["command"].index("--") + 1:]
+    assert models[:2] == ["olla", "k8s-assistant"] and models[2].startswith("k8s-assistant:")
     modelfiles = c.get("configmap", "olla-modelfiles")["data"]
-    assert modelfiles["model-1"] == ("FROM llama3.1:8b\nADAPTER /var/lib/llamaops/adapters/k8s-assistant\n"
-                                     f'SYSTEM """{PROMPT}"""\n')
+    assert modelfiles["model-1"].startswith("FROM llama3.1:8b\nADAPTER ../../../var/lib/llamaops/ollama/adapters/"
+                                            "k8s-assistant\nTEMPLATE ")
+    assert f'SYSTEM """{PROMPT}"""\n' in modelfiles["model-1"] and modelfiles["model-2"] == modelfiles["model-1"]

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from llamaops.api.contract import ENV_NAME, ENV_NAMESPACE, ENV_OUTPUT_DIR, ENV_PVC_ROOT, ENV_SPEC
 from llamaops_trainer import tiny
-from trainer_helpers import CLAIM, DATASET, MODEL, MODEL_NO_PAD, S3Server, free_port, http_ok, minio_binary
+from local_binaries import minio_binary
+from trainer_helpers import CLAIM, DATASET, MODEL, MODEL_NO_PAD, S3Server, free_port, http_ok
 
 if importlib.util.find_spec("torch") is None:  # the trainer extra is not installed: nothing here can run
     collect_ignore_glob = ["test_*.py"]

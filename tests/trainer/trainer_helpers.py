@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -123,24 +122,6 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, access_key: str, secret_key: str) -
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
-
-
-def minio_binary() -> Path | None:
-    """MinIO for the S3 tests: $LLAMAOPS_BIN_DIR/minio, else the one hack/build-binaries.sh has built
-    (it builds nothing here: that takes minutes), else minio on PATH."""
-    dirs = [os.environ["LLAMAOPS_BIN_DIR"]] if os.environ.get("LLAMAOPS_BIN_DIR") else []
-    try:
-        proc = subprocess.run(["bash", str(REPO / "hack" / "build-binaries.sh"), "--cached"],
-                              capture_output=True, text=True, timeout=60)
-        if proc.returncode == 0 and proc.stdout.strip():
-            dirs.append(proc.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    for d in dirs:
-        if os.access(Path(d) / "minio", os.X_OK):
-            return Path(d) / "minio"
-    found = shutil.which("minio")
-    return Path(found) if found else None
 
 
 def free_port() -> int:

@@ -148,7 +148,7 @@ def test_demo_mode_sends_the_gang_to_the_dev_node_on_cpu() -> None:
     assert ctr["args"][:2] == ["--nnodes=2", "--nproc-per-node=1"]
     assert "--master-addr=llama31-8b-lora-train-0.llama31-8b-lora-train" in ctr["args"]
     # The dev node's agent registers exactly the taint and label the builder tolerates and selects.
-    from llamaops.builders.finetune import DEV_NODE_KEY, DEV_NODE_TOLERATION
+    from llamaops.builders.scheduling import DEV_NODE_KEY, DEV_NODE_TOLERATION
     from llamaops_dev.devnode import NODE_LABEL, NODE_TAINT
 
     assert NODE_LABEL == DEV_NODE_KEY and NODE_TAINT["key"] == DEV_NODE_TOLERATION["key"]

@@ -92,6 +92,10 @@ def test_localise_hosts_and_paths() -> None:
     assert loc("--nnodes=2") == "--nnodes=2"
     assert loc("-m") == "-m"
     assert loc("llamaops_trainer") == "llamaops_trainer"
+    assert loc("run-train") == "run-train"  # a word that equals a Service's name is no address without a port
+    assert loc("run-train:29500") == "127.0.0.1:29500"
+    assert env.localise("0.0.0.0:11434", namespace="team", services=services, mount_paths=mounts, root="/w",
+                        pod_ip="127.77.0.9") == "127.77.0.9:11434"  # the wildcard: the pod's own address
     assert loc("/etc/llamaops/spec.yaml") == "/w/root/trainer/etc/llamaops/spec.yaml"
     assert loc("--spec=/etc/llamaops/spec.yaml") == "--spec=/w/root/trainer/etc/llamaops/spec.yaml"
     assert loc("/mnt/pvc/data") == "/w/root/trainer/mnt/pvc/data"

@@ -12,7 +12,7 @@ from api_cases import example
 from llamaops import queue
 from llamaops.api import LlamaServe
 from llamaops.api.catalog import CatalogModel
-from llamaops.api.validation import Problem, RuntimeReport
+from llamaops.api.validation import AdapterFacts, Problem, RuntimeReport
 from llamaops.builders import serve as b
 from llamaops.builders.serve import runtime as runtimes
 from llamaops.handlers.admission import Admitter
@@ -48,8 +48,10 @@ class EchoRuntime:
     def section_set(self, lsv: LlamaServe) -> bool:
         return False
 
-    def validate(self, lsv: LlamaServe, model: CatalogModel | None, ranks: Mapping[str, int | None]) -> RuntimeReport:
-        big = [Problem("spec.adapters", f"echo serves ranks up to 64, not {r}") for r in ranks.values() if r and r > 64]
+    def validate(self, lsv: LlamaServe, model: CatalogModel | None,
+                 adapters: Mapping[str, AdapterFacts]) -> RuntimeReport:
+        big = [Problem("spec.adapters", f"echo serves ranks up to 64, not {a.r}") for a in adapters.values()
+               if a.r and a.r > 64]
         return RuntimeReport(big)
 
     def server(self, lsv: LlamaServe, ctx: b.ServeContext) -> b.Server:

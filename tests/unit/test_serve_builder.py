@@ -3,17 +3,18 @@ the chat template that serves the training system prompt, and the phase read fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
 from api_cases import example
 from llamaops.api import LlamaServe
-from llamaops.api.chat_template import LLAMA3_TEMPLATE, LLAMA31_TEMPLATE, served_template
+from llamaops.api.chat_template import LLAMA3_TEMPLATE, LLAMA31_TEMPLATE, OLLAMA_LLAMA31_TEMPLATE, served_template
 from llamaops.api.finetune import LlamaFineTune
 from llamaops.builders import serve as b
 from llamaops.builders.serve import validate_serve
-from llamaops.builders.serve.ollama import OLLAMA_READY
+from llamaops.builders.serve.ollama import OLLAMA_READY, adapter_version
 from llamaops.builders.serve.vllm import chat_template, round_lora_rank
 from llamaops.settings import Settings
 from llamaops.state.serve import resolve, rollout_phase
@@ -397,15 +398,30 @@ def test_ollama_runtime_modelfiles() -> None:
     assert ctr["image"] == SETTINGS.ollama_image
     assert ctr["ports"][0]["containerPort"] == 11434
     assert "args" not in ctr and ctr["command"][:2] == ["/bin/sh", "-c"]
-    script = ctr["command"][2]
-    assert "ollama create llama31-8b -f /etc/llamaops/modelfiles/model-0" in script
-    assert "ollama create k8s-assistant -f /etc/llamaops/modelfiles/model-1" in script
+    # Each adapter also under a name that changes with its weights (location and revision).
+    version = adapter_version(adapter)
+    assert len(version) == 12 and version != adapter_version(dataclasses.replace(adapter, revision="later"))
+    # Paths are arguments of the script: the Modelfile directory, the work directory, the adapters to stage
+    # (name, mount), then the models to create in ConfigMap order.
+    assert ctr["command"][3:] == ["ollama-start", "/etc/llamaops/modelfiles", "/var/lib/llamaops/ollama",
+                                  "k8s-assistant", "/var/lib/llamaops/adapters/k8s-assistant", "--",
+                                  "llama31-8b", "k8s-assistant", f"k8s-assistant:{version}"]
     assert ctr["startupProbe"]["exec"]["command"] == ["test", "-f", OLLAMA_READY]
+    assert OLLAMA_READY.startswith("/var/lib/llamaops/ollama/")
+    assert {"name": "ollama-work", "mountPath": "/var/lib/llamaops/ollama"} in ctr["volumeMounts"]
     assert {"name": "OLLAMA_CONTEXT_LENGTH", "value": "8192"} in ctr["env"]
+    assert {"name": "OLLAMA_MODELS", "value": "/root/.ollama/models"} in ctr["env"]
+    assert ctr["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
     (cm,) = w.config_maps
+    # Llama 3.1's template (its system block with the fixed date), written for Ollama; then the stop tokens.
+    tail = (f'TEMPLATE """{OLLAMA_LLAMA31_TEMPLATE}"""\nSYSTEM """{PROMPT}"""\n'
+            "PARAMETER stop <|eot_id|>\nPARAMETER stop <|start_header_id|>\nPARAMETER stop <|end_header_id|>\n")
+    assert "Today Date: 26 Jul 2024" in OLLAMA_LLAMA31_TEMPLATE
     assert cm["data"] == {
-        "model-0": f'FROM llama3.1:8b\nSYSTEM """{PROMPT}"""\n',
-        "model-1": f'FROM llama3.1:8b\nADAPTER /var/lib/llamaops/adapters/k8s-assistant\nSYSTEM """{PROMPT}"""\n',
+        "model-0": "FROM llama3.1:8b\n" + tail,
+        # relative to the Modelfile's directory: the staged copy in the work directory
+        "model-1": "FROM llama3.1:8b\nADAPTER ../../../var/lib/llamaops/ollama/adapters/k8s-assistant\n" + tail,
+        "model-2": "FROM llama3.1:8b\nADAPTER ../../../var/lib/llamaops/ollama/adapters/k8s-assistant\n" + tail,
     }
     assert "prometheus.io/scrape" not in w.deployment["spec"]["template"]["metadata"]["annotations"]
     assert b.endpoint(lsv) == "http://llama31-8b.ml.svc:11434/v1"
@@ -453,3 +469,34 @@ def test_a_trained_prompt_ollama_cannot_hold_is_not_rendered() -> None:
     adapter = b.ResolvedAdapter("a", "pvc://adapters/ml/run/adapter", "uri", system_prompt='x"""\nFROM evil')
     with pytest.raises(b.ServeError, match='system prompt cannot be served by Ollama: it contains """'):
         b.workload(lsv, [adapter], SETTINGS)
+
+
+@pytest.mark.parametrize(("runtime", "lora", "words"), [
+    # Ollama 0.17 permutes lora_A of q_proj/k_proj where lora_B's rows need it: a different model is served.
+    ("ollama", {"target_modules": ["q_proj", "v_proj"]}, "has LoRA weights on q_proj, which Ollama 0.17 converts"),
+    ("ollama", {"target_modules": ["v_proj"], "modules_to_save": ["lm_head"]}, "saves whole modules (lm_head)"),
+    # vLLM refuses adapters that save whole modules or adapt lm_head (vllm#9280).
+    ("vllm", {"target_modules": ["q_proj", "lm_head"]}, "trains lm_head"),
+    ("vllm", {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]}, "trains embed_tokens"),
+])
+def test_adapters_a_runtime_would_serve_wrongly_are_refused_naming_the_adapter(
+        runtime: str, lora: dict[str, Any], words: str) -> None:
+    run = finetune("llama31-8b-lora", "Running")
+    run.spec.lora = run.spec.lora.model_validate({**run.spec.lora.model_dump(), **lora})
+    doc = example("llama-3.1-8b-serve.yaml")
+    if runtime == "ollama":
+        doc["spec"] = {"runtime": "ollama", "model": {"base_model": BASE}, "ollama": {"gpus": 1},
+                       "adapters": doc["spec"]["adapters"]}
+    errors = validate_serve(doc, finetunes={"llama31-8b-lora": run}).errors
+    assert [p.field for p in errors] == ["spec.adapters[0]"], errors
+    assert words in errors[0].message and 'LlamaFineTune "llama31-8b-lora"' in errors[0].message
+
+
+def test_linear_layer_adapters_pass_both_runtimes() -> None:
+    run = finetune("llama31-8b-lora", "Running")
+    run.spec.lora = run.spec.lora.model_validate({**run.spec.lora.model_dump(),
+                                                  "target_modules": ["v_proj", "o_proj", "down_proj"]})
+    doc = example("llama-3.1-8b-serve.yaml")
+    assert validate_serve(doc, finetunes={"llama31-8b-lora": run}).errors == []
+    doc["spec"] = {"runtime": "ollama", "model": {"base_model": BASE}, "adapters": doc["spec"]["adapters"]}
+    assert validate_serve(doc, finetunes={"llama31-8b-lora": run}).errors == []

@@ -67,8 +67,10 @@ def build_tokenizer(vocab_size: int = 1024, with_pad: bool = True) -> Any:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
+    # Like Llama 3's, it puts <|begin_of_text|> before a plain encode (the trainer encodes rendered chats, which
+    # hold it already, without special tokens).
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                   chat_template=LLAMA3_TEMPLATE, model_max_length=8192)
+                                   chat_template=LLAMA3_TEMPLATE, model_max_length=8192, add_bos_token=True)
 
 
 def build_model(tokenizer: Any, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -95,6 +97,10 @@ def write_model(model_dir: Path, with_pad: bool = True, **model_kwargs: Any) -> 
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    # Recorded for converters that read the config rather than the tokenizer's post-processor (Ollama's
+    # safetensors import: without the key it writes a GGUF that adds no BOS token).
+    config = model_dir / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "add_bos_token": True}, indent=2) + "\n")
     return model_dir
 
 

@@ -110,3 +110,30 @@ def with_system_prompt(system_prompt: str, template: str) -> str:
 
 def served_template(base_model: str, system_prompt: str) -> str:
     return with_system_prompt(system_prompt, base_template(base_model))
+
+
+# The same templates for Ollama (Go text/template over Ollama's .Messages and .System; Ollama adds the BOS
+# token itself when the model's tokenizer says so). Ollama does not trim message contents as the Jinja
+# templates do: a message with leading or trailing whitespace renders with it.
+OLLAMA_LLAMA3_TEMPLATE = (
+    "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+    "{{ .Content }}<|eot_id|>\n"
+    "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+OLLAMA_LLAMA31_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023\n"
+    "Today Date: " + DATE_STRING + "\n\n"
+    "{{ if .System }}{{ .System }}{{ end }}<|eot_id|>\n"
+    "{{- range .Messages }}{{- if ne .Role \"system\" }}<|start_header_id|>"
+    "{{ if eq .Role \"tool\" }}ipython{{ else }}{{ .Role }}{{ end }}<|end_header_id|>\n\n"
+    "{{ .Content }}<|eot_id|>\n"
+    "{{- end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+# What ends a turn in both: Ollama stops generating there.
+OLLAMA_STOP_TOKENS = ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")
+
+
+def ollama_template(base_model: str) -> str:
+    """base_template(base_model), as an Ollama TEMPLATE."""
+    return OLLAMA_LLAMA3_TEMPLATE if base_template(base_model) == LLAMA3_TEMPLATE else OLLAMA_LLAMA31_TEMPLATE

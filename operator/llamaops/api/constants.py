@@ -26,6 +26,8 @@ ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
 ANNOTATION_RUN_HASH = f"{GROUP}/run-hash"
 ANNOTATION_PLACEMENT = f"{GROUP}/placement"  # on a Job: the placement it was made for (nodes, queue labels)
 ANNOTATION_OWNER = f"{GROUP}/owner"
+# On a Service whose pods run on the dev node: host:port on this machine that reaches it (its first port).
+ANNOTATION_LOCAL_ENDPOINT = f"{GROUP}/local-endpoint"
 # Components (LABEL_COMPONENT values) the handlers watch.
 COMPONENT_TRAINER = "trainer"
 COMPONENT_REPORT = "report"  # the ConfigMap a training pod reports its progress and adapter in

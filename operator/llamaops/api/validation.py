@@ -233,7 +233,17 @@ class RuntimeReport:
 
 # A serving runtime's own checks (llamaops.builders.serve: the registered runtime of spec.runtime), given the
 # catalog entry of the base model (None when it has none) and each adapter's LoRA rank where known.
-RuntimeChecks = Callable[[LlamaServe, "catalog.CatalogModel | None", Mapping[str, "int | None"]], RuntimeReport]
+@dataclass(frozen=True)
+class AdapterFacts:
+    """What is known of an adapter a LlamaServe lists: from its run's spec (or report), or the spec's `r`."""
+
+    r: int | None = None
+    target_modules: tuple[str, ...] = ()  # empty when unknown (an adapter given by uri)
+    modules_to_save: tuple[str, ...] = ()
+    source: str = ""  # where the modules come from, for messages: 'LlamaFineTune "x"'
+
+
+RuntimeChecks = Callable[[LlamaServe, "catalog.CatalogModel | None", Mapping[str, AdapterFacts]], RuntimeReport]
 
 
 def validate_serve(manifest: Mapping[str, Any], finetunes: Mapping[str, LlamaFineTune] | None = None, *,
@@ -255,10 +265,10 @@ def validate_serve(manifest: Mapping[str, Any], finetunes: Mapping[str, LlamaFin
     if model is None:
         problems.append(Problem("spec.model.base_model", f'"{spec.model.base_model}" is not in the Llama catalog: '
                                 "context length and GPU memory are not checked", "warning"))
-    ranks: dict[str, int | None] = {}
+    facts: dict[str, AdapterFacts] = {}
     for i, adapter in enumerate(spec.adapters):
         path = f"spec.adapters[{i}]"
-        ranks[adapter.name] = adapter.r
+        facts[adapter.name] = AdapterFacts(adapter.r)
         if adapter.fine_tune_ref and finetunes is not None:
             ref = finetunes.get(adapter.fine_tune_ref)
             if ref is None:
@@ -268,7 +278,10 @@ def validate_serve(manifest: Mapping[str, Any], finetunes: Mapping[str, LlamaFin
             else:
                 # What the run reports once it finished (the trainer's real rank), else what it will export.
                 done = ref.status.adapter if ref.status is not None and ref.status.adapter is not None else None
-                ranks[adapter.name] = done.r if done is not None else ref.spec.lora.exported_rank
+                lora = ref.spec.lora
+                facts[adapter.name] = AdapterFacts(done.r if done is not None else lora.exported_rank,
+                                                   tuple(lora.target_modules), tuple(lora.modules_to_save or ()),
+                                                   f'LlamaFineTune "{adapter.fine_tune_ref}"')
                 base = done.base_model if done is not None else ref.spec.model.base_model
                 if base != spec.model.base_model:
                     problems.append(Problem(f"{path}.fineTuneRef",
@@ -286,7 +299,7 @@ def validate_serve(manifest: Mapping[str, Any], finetunes: Mapping[str, LlamaFin
         problems.append(Problem("spec.podDisruptionBudget.minAvailable",
                                 f"{spec.pod_disruption_budget.min_available} of {spec.replicas} replicas leaves no "
                                 "room for a voluntary disruption: node drains will block", "warning"))
-    report = runtime_checks(lsv, model, ranks)
+    report = runtime_checks(lsv, model, facts)
     return Result("LlamaServe", name, lsv, problems + report.problems, report.plan)
 
 

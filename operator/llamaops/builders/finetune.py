@@ -17,7 +17,6 @@ from llamaops.api.constants import (
     ANNOTATION_PLACEMENT,
     COMPONENT_REPORT,
     COMPONENT_TRAINER,
-    DEV_NODE_LABEL,
     HOSTNAME_LABEL,
     KIND_FINETUNE,
     LABEL_COMPONENT,
@@ -49,7 +48,7 @@ from llamaops.builders.naming import (
     labels,
     metadata,
 )
-from llamaops.builders.scheduling import GPU, cpu_memory, node_selector, pod_options, secret_env, tolerations
+from llamaops.builders.scheduling import GPU, cpu_memory, node_placement, pod_options, secret_env
 from llamaops.queue.policy import Placement
 from llamaops.settings import Settings
 from llamaops.state.finetune import run_hash
@@ -58,9 +57,6 @@ KIND = KIND_FINETUNE
 CONTAINER = COMPONENT_TRAINER
 MASTER_PORT = 29500
 TRAINER_UID = 1000
-# Demo mode (Settings.dev_node): the dev node's taint (llamaops_dev.devnode registers it).
-DEV_NODE_KEY = DEV_NODE_LABEL
-DEV_NODE_TOLERATION = {"key": DEV_NODE_KEY, "operator": "Exists", "effect": "NoSchedule"}
 # Time for the trainer to write a checkpoint after SIGTERM (Kubernetes' default is 30 s).
 TERMINATION_GRACE_SECONDS = 120
 # The fixed part of the trainer's environment (`llamaops run --local` sets it too).
@@ -223,10 +219,8 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
 
     # Demo mode: the dev node runs every pod of the gang as a local process on its CPU (gloo);
     # nothing GPU-shaped would schedule there.
-    demo = settings.dev_node
-    gpus = 0 if demo else res.gpus_per_node
-    selector = {HOSTNAME_LABEL: demo} if demo else node_selector(res)
-    tols = tolerations(res, gpus=gpus > 0) + ([DEV_NODE_TOLERATION] if demo else [])
+    gpus = 0 if settings.dev_node else res.gpus_per_node
+    selector, tols = node_placement(res, gpus, settings.dev_node)
 
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -256,7 +250,7 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
         pod["nodeSelector"] = selector
     if tols:
         pod["tolerations"] = tols
-    affinity = None if demo else _affinity(lft, placement)
+    affinity = None if settings.dev_node else _affinity(lft, placement)
     if affinity:
         pod["affinity"] = affinity
     pod.update(pod_options(res, spec.image_pull_secrets))

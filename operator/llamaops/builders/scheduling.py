@@ -6,12 +6,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from llamaops.api.constants import GPU_PRODUCT_LABEL
+from llamaops.api.constants import DEV_NODE_LABEL, GPU_PRODUCT_LABEL, HOSTNAME_LABEL
 from llamaops.api.constants import GPU_RESOURCE as GPU
 from llamaops.api.finetune import SchedulingSpec
 
 # GPU nodes are commonly tainted so that only GPU pods land there.
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
+# Demo mode (Settings.dev_node): the dev node's taint (llamaops_dev.devnode registers it).
+DEV_NODE_KEY = DEV_NODE_LABEL
+DEV_NODE_TOLERATION = {"key": DEV_NODE_KEY, "operator": "Exists", "effect": "NoSchedule"}
+
+
+def node_placement(res: SchedulingSpec, gpus: int, dev_node: str | None) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """(nodeSelector, tolerations) of a pod. With a dev node (demo mode) a pod without GPUs runs there, as a
+    local process: nothing GPU-shaped would schedule on it."""
+    if dev_node and not gpus:
+        return {HOSTNAME_LABEL: dev_node}, tolerations(res, gpus=False) + [DEV_NODE_TOLERATION]
+    return node_selector(res), tolerations(res, gpus=gpus > 0)
 
 
 def node_selector(res: SchedulingSpec) -> dict[str, str]:

@@ -6,6 +6,7 @@
     run        a LlamaFineTune trained on this machine (--local)   (local.py)
     plot       loss and learning-rate curves from metrics.jsonl    (plot.py)
     logs       the training pods' logs, rank-prefixed              (logs.py)
+    chat       one question to a LlamaServe, the answer on stdout  (chat.py)
     operator   the operator itself
 
 Other distributions add commands through the `llamaops.commands` entry point group: the dev tooling
@@ -22,7 +23,7 @@ from typing import Annotated
 
 import typer
 
-from llamaops.cli import local, logs, plot, queue, validate, watch
+from llamaops.cli import chat, local, logs, plot, queue, validate, watch
 
 COMMANDS_GROUP = "llamaops.commands"
 
@@ -33,6 +34,7 @@ app.command()(queue.queue)
 app.command()(local.run)
 app.command()(plot.plot)
 app.command()(logs.logs)
+app.command()(chat.chat)
 for _plugin in entry_points(group=COMMANDS_GROUP):
     # Each entry point is a typer app; its name is the command (dev-cluster: llamaops_dev).
     app.add_typer(_plugin.load(), name=_plugin.name)

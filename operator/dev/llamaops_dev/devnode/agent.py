@@ -18,17 +18,18 @@ from llamaops_dev.devnode.env import LOCALHOST
 from llamaops_dev.devnode.kube import Api
 from llamaops_dev.devnode.node import LEASE_SECONDS, NodeConfig, lease_manifest, node_manifest, node_status
 from llamaops_dev.devnode.runner import NodeContext, PodWorker
+from llamaops_dev.devnode.services import LocalPod, ServiceProxy
 from llamaops_dev.devnode.status import ContainerState, PodState, now, pod_status
-from llamaops_dev.devnode.volumes import Materialiser
+from llamaops_dev.devnode.volumes import Materialiser, can_bind_mount
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 20.0
 TERMINAL = ("Succeeded", "Failed")
 # The host environment a pod's processes see (besides what the pod declares): enough to run this venv.
 BASE_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
-# Handy on a shared CPU: threads per process, offline Hugging Face.
+# Handy on a shared CPU: threads per process, offline Hugging Face; Ollama's log level (2: each prompt).
 DEFAULT_PASS_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                    ENV_PROGRESS_INTERVAL)
+                    ENV_PROGRESS_INTERVAL, "OLLAMA_DEBUG")
 
 
 @dataclass
@@ -51,7 +52,7 @@ def base_env(api_host: str, api_port: int, config: AgentConfig, environ: Mapping
     env["KUBERNETES_SERVICE_PORT"] = str(api_port)
     env["KUBERNETES_SERVICE_PORT_HTTPS"] = str(api_port)
     if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # every pod here has podIP 127.0.0.1
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # every pod here has a podIP on lo (runner.PodIPs)
     return env
 
 
@@ -65,7 +66,8 @@ class Agent:
         self.ctx = NodeContext(api=api, node=self.name, work_dir=work,
                                materialiser=Materialiser(api, (config.pvc_dir or work / "pvc").resolve(), cpus),
                                base_env=base_env(api.host, api.port, config), python=config.python,
-                               node_cpus=cpus, on_done=self._done)
+                               node_cpus=cpus, on_done=self._done, bind_mounts=can_bind_mount())
+        self.proxy = ServiceProxy(api, self.local_pods)
         self.workers: dict[str, PodWorker] = {}
         self.finished: set[str] = set()
         self._lock = threading.Lock()
@@ -93,6 +95,13 @@ class Agent:
                 log.warning("heartbeat failed: %s", exc)
 
     # ------------------------------------------------------------- pods
+
+    def local_pods(self) -> list[LocalPod]:
+        """The pods running here, for the Service proxy: Ready unless stopping (a terminating pod gets no new
+        connections, as kube-proxy drops terminating endpoints)."""
+        with self._lock:
+            workers = list(self.workers.values())
+        return [LocalPod(w.pod, w.ip, w.ready and not w.stopping) for w in workers]
 
     def _done(self, uid: str) -> None:
         with self._lock:
@@ -174,6 +183,9 @@ class Agent:
         self.register()
         beat = threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True)
         beat.start()
+        self.proxy.start()
+        log.info("volume mounts: %s", "bind mounts in a mount namespace per container" if self.ctx.bind_mounts
+                 else "symlinks (no mount namespaces here: run the agent as root for bind mounts)")
         log.info("node %s ready: pods run as processes of %s (KUBERNETES_SERVICE_HOST=%s:%s)", self.name,
                  self.config.python, self.ctx.base_env["KUBERNETES_SERVICE_HOST"],
                  self.ctx.base_env["KUBERNETES_SERVICE_PORT"])
@@ -188,6 +200,7 @@ class Agent:
             w.stop(self.config.shutdown_grace_s, delete=False)
         for w in workers:
             w.join(self.config.shutdown_grace_s + 15)
+        self.proxy.stop()
         try:
             self.api.patch_node_status(self.name, node_status(self.config.node, ready=False))
         except Exception:  # noqa: BLE001 - the API server may be gone already

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 LOCALHOST = "127.0.0.1"
+WILDCARD = "0.0.0.0"
 CLUSTER_DOMAIN = "cluster.local"
 
 Lookup = Callable[[str, str], Mapping[str, str] | None]  # (namespace, name) -> data, None when missing
@@ -174,11 +175,16 @@ def cluster_host(name: str, namespace: str, services: Iterable[str]) -> bool:
 _HOSTPORT = re.compile(r"^(?P<host>[A-Za-z0-9][-A-Za-z0-9.]*?)(?P<port>:\d+)?$")
 
 
-def localise_hosts(value: str, namespace: str, services: Iterable[str]) -> str:
-    """`NAME`, `NAME:PORT`, `--flag=NAME[:PORT]` with NAME a cluster name -> 127.0.0.1 (an /etc/hosts entry, in effect)."""
+def localise_hosts(value: str, namespace: str, services: Iterable[str], pod_ip: str | None = None) -> str:
+    """`NAME`, `NAME:PORT`, `--flag=NAME[:PORT]` with NAME a cluster name -> 127.0.0.1 (an /etc/hosts entry, in
+    effect); the wildcard address 0.0.0.0 -> the pod's own IP (in a pod it means the pod's interfaces)."""
     flag, eq, rest = value.partition("=") if value.startswith("-") else ("", "", value)
     m = _HOSTPORT.match(rest)
-    if not m or "." not in m.group("host") and m.group("host") not in set(services):
+    if m and m.group("host") == WILDCARD and pod_ip:
+        return f"{flag}{eq}{pod_ip}{m.group('port') or ''}"
+    # A bare word is a host only with a port (`svc:8000`): an argument that merely equals a Service's name
+    # (a model called like its LlamaServe) is not an address.
+    if not m or "." not in m.group("host") and not m.group("port"):
         return value
     if not cluster_host(m.group("host"), namespace, services):
         return value
@@ -197,8 +203,9 @@ def translate_path(value: str, mount_paths: Iterable[str], root: str) -> str:
     return value
 
 
-def localise(value: str, *, namespace: str, services: Sequence[str], mount_paths: Sequence[str], root: str) -> str:
-    return translate_path(localise_hosts(value, namespace, services), mount_paths, root)
+def localise(value: str, *, namespace: str, services: Sequence[str], mount_paths: Sequence[str], root: str,
+             pod_ip: str | None = None) -> str:
+    return translate_path(localise_hosts(value, namespace, services, pod_ip), mount_paths, root)
 
 
 PYTHON_NAMES = ("python", "python3")

@@ -80,6 +80,18 @@ class Api:
         items = self._json(self.core.list_namespaced_service(namespace, _preload_content=False)).get("items", [])
         return [s["metadata"]["name"] for s in items]
 
+    # ------------------------------------------------- services (services.py)
+
+    def list_services(self) -> list[dict[str, Any]]:
+        return self._json(self.core.list_service_for_all_namespaces(_preload_content=False)).get("items", [])
+
+    def annotate_service(self, namespace: str, name: str, key: str, value: str) -> None:
+        try:
+            self.core.patch_namespaced_service(name, namespace, {"metadata": {"annotations": {key: value}}})
+        except ApiException as exc:
+            if not _missing(exc):
+                raise
+
     def token(self, namespace: str, account: str, pod: Mapping[str, Any], audience: str | None,
               seconds: int) -> tuple[str, dt.datetime]:
         """TokenRequest for the pod's ServiceAccount, bound to the pod (invalid once it is deleted)."""

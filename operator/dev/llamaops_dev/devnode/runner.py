@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,8 +26,16 @@ from llamaops.api.contract import (
 )
 
 from llamaops_dev.devnode import env as envmod
+from llamaops_dev.devnode.probes import Prober, run_action
 from llamaops_dev.devnode.status import ContainerState, PodState, container_states, now, pod_status, termination_message
-from llamaops_dev.devnode.volumes import Materialiser, VolumeError, Volumes, mirror_mounts
+from llamaops_dev.devnode.volumes import (
+    Materialiser,
+    VolumeError,
+    Volumes,
+    bind_argv,
+    mirror_mounts,
+    mount_sources,
+)
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -45,6 +53,32 @@ class PodApi(Protocol):
     def event(self, pod: Mapping[str, Any], node: str, kind: str, reason: str, message: str) -> None: ...
 
 
+class PodIPs:
+    """A loopback address per pod (Linux routes all of 127.0.0.0/8 to lo): two pods can each bind the same
+    port on their own IP, as they would in their own network namespaces."""
+
+    PREFIX = "127.77"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_uid: dict[str, str] = {}
+
+    def take(self, uid: str) -> str:
+        with self._lock:
+            if uid not in self._by_uid:
+                used = set(self._by_uid.values())
+                n = next(i for i in range(1, 254 * 254) if self._ip(i) not in used)
+                self._by_uid[uid] = self._ip(n)
+            return self._by_uid[uid]
+
+    def release(self, uid: str) -> None:
+        with self._lock:
+            self._by_uid.pop(uid, None)
+
+    def _ip(self, n: int) -> str:
+        return f"{self.PREFIX}.{n // 254}.{n % 254 + 1}"
+
+
 @dataclass
 class NodeContext:
     """What every pod of the node shares."""
@@ -57,6 +91,8 @@ class NodeContext:
     python: str
     node_cpus: int = 1
     on_done: Any = None  # callable(uid) when a worker ends
+    bind_mounts: bool = False  # mounts are bind mounts in a mount namespace per container (else symlinks)
+    pod_ips: PodIPs = field(default_factory=PodIPs)
 
 
 def pod_dir(work_dir: Path, namespace: str, name: str) -> Path:
@@ -77,6 +113,10 @@ class Running:
     log: Path = Path()
     message_file: Path | None = None
     backoff: float = 1.0
+    env: dict[str, str] = field(default_factory=dict)  # what the process got
+    cwd: str = ""
+    localise: Any = None  # container view -> this machine, for probe and hook commands
+    prober: Prober | None = None
 
 
 class PodWorker(threading.Thread):
@@ -85,6 +125,7 @@ class PodWorker(threading.Thread):
         super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
         self.ctx, self.pod = ctx, pod
         self.ns, self.pod_name, self.uid = meta["namespace"], meta["name"], meta["uid"]
+        self.ip = ctx.pod_ips.take(self.uid)
         self.dir = pod_dir(ctx.work_dir, self.ns, self.pod_name)
         spec = pod["spec"]
         self.restart_policy = spec.get("restartPolicy") or "Always"
@@ -116,6 +157,10 @@ class PodWorker(threading.Thread):
     def stopping(self) -> bool:
         return self._stop_requested.is_set()
 
+    @property
+    def ready(self) -> bool:
+        return self.state.initialized and all(c.ready for c in self.state.containers)
+
     # ---------------------------------------------------------------- run
 
     def run(self) -> None:
@@ -133,6 +178,7 @@ class PodWorker(threading.Thread):
                     self.ctx.api.delete_pod_now(self.ns, self.pod_name, self.uid)
                 except Exception:  # noqa: BLE001
                     log.exception("deleting pod %s/%s", self.ns, self.pod_name)
+            self.ctx.pod_ips.release(self.uid)
             if self.ctx.on_done:
                 self.ctx.on_done(self.uid)
 
@@ -216,7 +262,8 @@ class PodWorker(threading.Thread):
 
     def _start(self, r: Running) -> None:
         c, ns = r.spec, self.ns
-        declared = envmod.resolve(self.pod, c, config_maps=self.ctx.api.config_map, secrets=self.ctx.api.secret,
+        pod = {**self.pod, "status": {**(self.pod.get("status") or {}), "podIP": self.ip}}
+        declared = envmod.resolve(pod, c, config_maps=self.ctx.api.config_map, secrets=self.ctx.api.secret,
                                   node_cpus=self.ctx.node_cpus)
         argv = envmod.command_line(c, declared)
         root = self.dir / "root" / c["name"]
@@ -226,12 +273,15 @@ class PodWorker(threading.Thread):
         r.message_file = self.dir / f"{c['name']}.termination-log"
         r.message_file.write_text("")
         term_path = c.get("terminationMessagePath") or TERMINATION_LOG
-        mount_paths = mirror_mounts(root, c.get("volumeMounts") or [], self.volumes.paths,
-                                    extra={term_path: r.message_file})
+        mounts, extra = c.get("volumeMounts") or [], {term_path: r.message_file}
+        if self.ctx.bind_mounts:
+            mount_paths = sorted(mount_sources(mounts, self.volumes.paths, extra), key=len, reverse=True)
+        else:
+            mount_paths = mirror_mounts(root, mounts, self.volumes.paths, extra=extra)
 
         def loc(value: str) -> str:
             return envmod.localise(value, namespace=ns, services=self._services, mount_paths=mount_paths,
-                                   root=str(root))
+                                   root=str(root), pod_ip=self.ip)
 
         container_env = {k: loc(v) for k, v in declared.items()}
         local = envmod.local_argv([loc(a) for a in argv], self.ctx.python)
@@ -252,14 +302,22 @@ class PodWorker(threading.Thread):
         local[0] = exe
         cwd = loc(c["workingDir"]) if c.get("workingDir") else str(self.dir)
         Path(cwd).mkdir(parents=True, exist_ok=True)
+        spawn = bind_argv(root, mounts, self.volumes.paths, local, extra)[0] if self.ctx.bind_mounts else local
         r.log = self.dir / f"{c['name']}.log"
+        r.env, r.cwd, r.localise = full, cwd, loc
         with r.log.open("ab") as out:
-            r.proc = subprocess.Popen(local, env=full, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+            r.proc = subprocess.Popen(spawn, env=full, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
                                       stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        r.prober = Prober(c, host=self.ip, run_exec=lambda cmd, timeout, r=r: self._exec(r, cmd, timeout))
+        r.state.probed_started, r.state.probed_ready = r.prober.started, r.prober.ready
         r.state.pid, r.state.started_at, r.state.waiting = r.proc.pid, now(), None
         r.state.exit_code, r.state.finished_at, r.state.message, r.state.reason = None, None, "", ""
+        # mounts: where each mountPath's data is on this machine (with bind mounts, root/<mountPath> is
+        # the data only inside the container's mount namespace).
         record = {"argv": argv, "localArgv": local, "env": sorted(container_env), "cwd": cwd, "pid": r.proc.pid,
-                  "log": str(r.log), "root": str(root), "restartCount": r.state.restarts}
+                  "log": str(r.log), "root": str(root), "restartCount": r.state.restarts,
+                  "mounts": {path: str(m.source) for path, m in mount_sources(mounts, self.volumes.paths,
+                                                                                 extra).items()}}
         (self.dir / f"{c['name']}.json").write_text(json.dumps(record, indent=2) + "\n")
         log.info("pod %s/%s: started %s as pid %d (log %s)", ns, self.pod_name, c["name"], r.proc.pid, r.log)
         self.ctx.api.event(self.pod, self.ctx.node, "Normal", "Started",
@@ -300,10 +358,37 @@ class PodWorker(threading.Thread):
                         if self.stopping or not self._retry("CreateContainerConfigError",
                                                             lambda r=r: self._start(r), r.state):
                             continue
+            self._probe(running)
             self._refresh_tokens()
             self._report()
             if all(r.state.terminated for r in running):
                 return
+
+    def _probe(self, running: list[Running]) -> None:
+        """Run each running container's due probes; one that failed its startup or liveness probe is killed,
+        and restarted by the loop above as its restart policy says."""
+        for r in running:
+            if r.prober is None or not r.state.running:
+                continue
+            verdict = r.prober.tick()
+            r.state.probed_started, r.state.probed_ready = r.prober.started, r.prober.ready
+            if verdict:
+                log.warning("pod %s/%s: %s: %s; restarting it", self.ns, self.pod_name, r.spec["name"], verdict)
+                self.ctx.api.event(self.pod, self.ctx.node, "Warning", "Unhealthy", verdict)
+                self._kill(r)
+
+    def _exec(self, r: Running, command: list[str], timeout: float) -> bool:
+        """An exec probe or hook: in the container's environment (and mounts, through its mount namespace)."""
+        if not command or r.proc is None:
+            return False
+        argv = envmod.local_argv([r.localise(a) for a in command], self.ctx.python)
+        if self.ctx.bind_mounts:
+            argv = ["nsenter", "-t", str(r.proc.pid), "-m", "--", *argv]
+        try:
+            return subprocess.run(argv, env=r.env, cwd=r.cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=timeout).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
 
     def _refresh_tokens(self) -> None:
         t = dt.datetime.now(dt.UTC)
@@ -322,9 +407,16 @@ class PodWorker(threading.Thread):
             self.ctx.api.event(self.pod, self.ctx.node, "Normal", "Killing",
                                f"Stopping container(s) {', '.join(r.spec['name'] for r in live)}"
                                f" (grace {self._grace:.0f}s)")
+        deadline = time.monotonic() + self._grace
+        for r in live:  # preStop hooks first, within the grace period (a kubelet's order)
+            hook = (r.spec.get("lifecycle") or {}).get("preStop")
+            if hook:
+                ok, why = run_action(hook, r.spec, self.ip, max(0.0, deadline - time.monotonic()),
+                                     lambda cmd, timeout, r=r: self._exec(r, cmd, timeout))
+                if not ok:
+                    self.ctx.api.event(self.pod, self.ctx.node, "Warning", "FailedPreStopHook", why)
         for r in live:
             self._signal(r, signal.SIGTERM)
-        deadline = time.monotonic() + self._grace
         while any(r.proc.poll() is None for r in live) and time.monotonic() < deadline:  # type: ignore[union-attr]
             time.sleep(0.1)
         for r in live:
@@ -358,7 +450,7 @@ class PodWorker(threading.Thread):
     def _report(self, force: bool = False) -> None:
         pod = dict(self.pod)
         pod["status"] = {**(self.pod.get("status") or {}), "conditions": list(self._conditions.values())}
-        status = pod_status(self.state, pod)
+        status = pod_status(self.state, pod, pod_ip=self.ip)
         key = json.dumps(status, sort_keys=True)
         if key == self._last_status and not force:
             return

@@ -37,10 +37,16 @@ class ContainerState:
     finished_at: str | None = None
     restarts: int = 0
     last_terminated: dict[str, Any] | None = None
+    probed_started: bool = True  # its startupProbe passed (or it has none)
+    probed_ready: bool = True  # its readinessProbe passes (or it has none)
 
     @property
     def running(self) -> bool:
         return self.pid is not None and self.exit_code is None
+
+    @property
+    def ready(self) -> bool:
+        return self.running and self.probed_started and self.probed_ready
 
     @property
     def terminated(self) -> bool:
@@ -60,8 +66,8 @@ class ContainerState:
         else:
             state = {"waiting": {"reason": self.waiting or "ContainerCreating",
                                  **({"message": self.waiting_message} if self.waiting_message else {})}}
-        out: dict[str, Any] = {"name": self.name, "image": self.image, "imageID": "", "ready": self.running,
-                               "started": self.running, "restartCount": self.restarts, "state": state}
+        out: dict[str, Any] = {"name": self.name, "image": self.image, "imageID": "", "ready": self.ready,
+                               "started": self.running and self.probed_started, "restartCount": self.restarts, "state": state}
         if self.pid is not None:
             out["containerID"] = f"devnode://{self.pid}"
         if self.last_terminated:
@@ -106,13 +112,14 @@ def _condition(kind: str, ok: bool, when: str, previous: Mapping[str, Mapping[st
     return out
 
 
-def pod_status(state: PodState, pod: Mapping[str, Any], host_ip: str = LOCALHOST) -> dict[str, Any]:
+def pod_status(state: PodState, pod: Mapping[str, Any], host_ip: str = LOCALHOST,
+               pod_ip: str = LOCALHOST) -> dict[str, Any]:
     """The status to write, given the pod as the API server has it (its conditions keep their transition times)."""
     when = now()
     restart = (pod.get("spec") or {}).get("restartPolicy") or "Always"
     ph = phase(state, restart)
     previous = {c.get("type"): c for c in (pod.get("status") or {}).get("conditions") or []}
-    ready = ph == "Running" and all(c.running for c in state.containers)
+    ready = ph == "Running" and all(c.ready for c in state.containers)
     not_ready = "PodCompleted" if ph in ("Succeeded", "Failed") else "ContainersNotReady"
     conditions = [
         _condition("PodReadyToStartContainers", state.initialized or ph != "Pending", when, previous),
@@ -124,7 +131,7 @@ def pod_status(state: PodState, pod: Mapping[str, Any], host_ip: str = LOCALHOST
     status: dict[str, Any] = {
         "phase": ph, "conditions": conditions,
         "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
-        "podIP": LOCALHOST, "podIPs": [{"ip": LOCALHOST}],
+        "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
         "startTime": state.start_time or when,
         "containerStatuses": [c.to_status() for c in state.containers],
         "qosClass": (pod.get("status") or {}).get("qosClass") or "BestEffort",

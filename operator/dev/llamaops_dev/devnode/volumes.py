@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -174,10 +174,16 @@ class Materialiser:
             _write(target / _safe(item["path"]), value.encode(), item.get("mode") or mode)
 
 
-def mirror_mounts(root: Path, mounts: list[Mapping[str, Any]], volumes: Mapping[str, Path],
-                  extra: Mapping[str, Path] | None = None) -> list[str]:
-    """Symlinks root/<mountPath> -> the volume (or its subPath); returns the container's mount paths."""
-    links: dict[str, Path] = {}
+@dataclass
+class Mount:
+    source: Path
+    read_only: bool = False
+
+
+def mount_sources(mounts: list[Mapping[str, Any]], volumes: Mapping[str, Path],
+                  extra: Mapping[str, Path] | None = None) -> dict[str, Mount]:
+    """mountPath -> what is mounted there (the volume, or its subPath)."""
+    out: dict[str, Mount] = {}
     for m in mounts:
         if m["name"] not in volumes:
             raise VolumeError(f"volumeMount {m['name']!r} names no volume of the pod")
@@ -187,13 +193,71 @@ def mirror_mounts(root: Path, mounts: list[Mapping[str, Any]], volumes: Mapping[
             src = src / _safe(sub)
             if not src.exists():
                 src.mkdir(parents=True, exist_ok=True)
-        links[m["mountPath"]] = src
-    links.update(extra or {})
-    for mount_path in sorted(links, key=lambda p: p.count("/")):
+        out[m["mountPath"]] = Mount(src, bool(m.get("readOnly")))
+    out.update({path: Mount(src) for path, src in (extra or {}).items()})
+    return out
+
+
+def by_depth(paths: Iterable[str]) -> list[str]:
+    """Parents before children: the order in which nested mounts are made."""
+    return sorted(paths, key=lambda p: (p.rstrip("/").count("/"), p))
+
+
+def mirror_mounts(root: Path, mounts: list[Mapping[str, Any]], volumes: Mapping[str, Path],
+                  extra: Mapping[str, Path] | None = None) -> list[str]:
+    """Symlinks root/<mountPath> -> the volume (or its subPath); returns the container's mount paths."""
+    links = mount_sources(mounts, volumes, extra)
+    for mount_path in by_depth(links):
         link = root / mount_path.strip("/")
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.is_file():
             link.unlink()
-        link.symlink_to(links[mount_path])
+        link.symlink_to(links[mount_path].source)
     return sorted(links, key=len, reverse=True)
 
+
+# Run by `unshare --mount` in the container's own mount namespace: bind each source onto its target under
+# root/ (parents first, each target created where the parent put it, as a runtime does), then make the
+# readOnly ones read-only, then exec the container's command. Arguments: SRC DST ... --ro DST ... -- ARGV.
+BIND_SCRIPT = """set -e
+while [ "$1" != --ro ]; do
+  if [ -d "$1" ]; then mkdir -p "$2"; else mkdir -p "${2%/*}"; [ -e "$2" ] || : > "$2"; fi
+  mount --bind "$1" "$2"; shift 2
+done
+shift
+while [ "$1" != -- ]; do mount -o remount,bind,ro "$1"; shift; done
+shift
+exec "$@"
+"""
+
+
+def bind_argv(root: Path, mounts: list[Mapping[str, Any]], volumes: Mapping[str, Path], argv: list[str],
+              extra: Mapping[str, Path] | None = None) -> tuple[list[str], list[str]]:
+    """`argv` wrapped so that it runs in a mount namespace of its own where root/<mountPath> are bind mounts:
+    real directories, not symlinks (programs that resolve symlinks, e.g. to refuse paths outside a
+    directory, see what a container sees). Returns (the wrapped argv, the container's mount paths)."""
+    sources = mount_sources(mounts, volumes, extra)
+    binds: list[str] = []
+    read_only: list[str] = []
+    for mount_path in by_depth(sources):
+        target = str(root / mount_path.strip("/"))
+        binds += [str(sources[mount_path].source), target]
+        if sources[mount_path].read_only:
+            read_only.append(target)
+    wrapped = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", BIND_SCRIPT, "devnode-mounts",
+               *binds, "--ro", *read_only, "--", *argv]
+    return wrapped, sorted(sources, key=len, reverse=True)
+
+
+def can_bind_mount() -> bool:
+    """Whether this agent may make mount namespaces (root, or CAP_SYS_ADMIN): otherwise mounts are symlinks."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return False
+    try:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "true"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False

@@ -1,29 +1,49 @@
 """Ollama ("ollama", the seed's second deployment path): one model per adapter, created from Modelfiles.
 
 Its section is `spec.ollama`. Its files are the Modelfiles (ConfigMap
-<name>-modelfiles): the base itself (`FROM` base, `SYSTEM`), then one model
-per adapter (`FROM` base, `ADAPTER`, `SYSTEM`), created with `ollama create`
-before the replica counts as started. Ollama serves the OpenAI API under /v1
-on port 11434.
+<name>-modelfiles): the base itself (`FROM` base, `TEMPLATE`, `SYSTEM`), then one
+model per adapter (`FROM` base, `ADAPTER`, `TEMPLATE`, `SYSTEM`), created with
+`ollama create` before the replica counts as started. TEMPLATE is the chat
+template the adapter was trained with, written for Ollama, so the served prompt is
+the trained one. Ollama serves the OpenAI API under /v1 on port 11434.
+
+Each adapter is also created as `<name>:<version>`, the version a digest of its
+location and revision (a re-trained run's adapter gets a new one): clients keep
+asking for `<name>` (Ollama's `<name>:latest`), and the versioned name says which
+weights answer, as a name that changes with the weights (vllm#42125: reloading
+other weights under one name can serve stale cache).
+
+Paths in a Modelfile are relative to the Modelfile's directory (Ollama resolves
+them there), so the same ConfigMap works wherever the pod's volumes are mounted.
+Each adapter is staged into the pod's work directory before `ollama create`: Ollama
+0.17 looks for `model*.safetensors` in an ADAPTER directory and misses PEFT's
+`adapter_model.safetensors` (ollama#13314).
 """
 
 from __future__ import annotations
 
-import shlex
+import posixpath
 from collections.abc import Mapping
 
 from llamaops.api import LlamaServe
 from llamaops.api.catalog import CatalogModel
+from llamaops.api.chat_template import OLLAMA_STOP_TOKENS, ollama_template
+from llamaops.api.contract import digest
 from llamaops.api.serve import OllamaSpec
-from llamaops.api.validation import Problem, RuntimeReport
+from llamaops.api.validation import AdapterFacts, Problem, RuntimeReport
 from llamaops.builders.serve.runtime import ServeContext, ServeError, Server, register
 from llamaops.builders.serve.workload import system_prompt
 from llamaops.settings import Settings
+from llamaops.state.serve import ResolvedAdapter
 
 OLLAMA_PORT = 11434
 OLLAMA_HOME = "/root/.ollama"
-OLLAMA_READY = "/tmp/llamaops-models-created"
+OLLAMA_WORK = "/var/lib/llamaops/ollama"  # emptyDir: staged adapters, the "models created" marker
+OLLAMA_READY = f"{OLLAMA_WORK}/started"
 MODELFILE_DIR = "/etc/llamaops/modelfiles"
+# Ollama 0.17's llama adapter conversion permutes lora_A of q_proj/k_proj for the rotary layout, where the
+# permutation belongs on lora_B (the output rows): such an adapter is served as a different model.
+MISCONVERTED_MODULES = ("q_proj", "k_proj")
 
 
 def settings_of(lsv: LlamaServe) -> OllamaSpec:
@@ -43,9 +63,21 @@ def modelfile_problem(text: str, what: str) -> str | None:
         if any(ch.isspace() for ch in text) else None
 
 
+def staged(adapter: str) -> str:
+    """Where the pod stages an adapter for `ollama create` (see the module docstring)."""
+    return f"{OLLAMA_WORK}/adapters/{adapter}"
+
+
+def modelfile_path(path: str, config_dir: str) -> str:
+    """An absolute container path as a Modelfile line gives it: relative to the Modelfile's directory.
+    Anything else (a registry model such as llama3.1:8b) stays as it is."""
+    return posixpath.relpath(path, config_dir) if path.startswith("/") else path
+
+
 def modelfiles(lsv: LlamaServe, ctx: ServeContext) -> list[tuple[str, str]]:
-    """(model name, Modelfile): the base itself, then one model per adapter (FROM base, ADAPTER, SYSTEM).
-    Raises ServeError rather than render what would change the Modelfile's meaning (a prompt from a run)."""
+    """(model name, Modelfile): the base itself, then one model per adapter (FROM base, ADAPTER, TEMPLATE,
+    SYSTEM). Raises ServeError rather than render what would change the Modelfile's meaning (a prompt from a
+    run)."""
     base = ctx.model_path
     prompt = system_prompt(lsv, ctx.adapters)
     for text, what in ((base, "base model"), (prompt or "", "system prompt"),
@@ -53,24 +85,59 @@ def modelfiles(lsv: LlamaServe, ctx: ServeContext) -> list[tuple[str, str]]:
         why = modelfile_problem(text, what)
         if why:
             raise ServeError(f"the {what} cannot be served by Ollama: {why}")
-    system = f'SYSTEM """{prompt}"""\n' if prompt else ""
-    files = [(model_name(lsv), f"FROM {base}\n{system}")]
-    files += [(a.name, f"FROM {base}\nADAPTER {ctx.adapter_paths[a.name]}\n{system}") for a in ctx.adapters]
+    tail = f'TEMPLATE """{ollama_template(lsv.spec.model.base_model)}"""\n'
+    tail += f'SYSTEM """{prompt}"""\n' if prompt else ""
+    tail += "".join(f"PARAMETER stop {token}\n" for token in OLLAMA_STOP_TOKENS)
+    source = f"FROM {modelfile_path(base, ctx.config_dir)}\n"
+    files = [(model_name(lsv), source + tail)]
+    for a in ctx.adapters:
+        doc = f"{source}ADAPTER {modelfile_path(staged(a.name), ctx.config_dir)}\n{tail}"
+        files += [(a.name, doc), (f"{a.name}:{adapter_version(a)}", doc)]
     return files
 
 
-def ollama_script(models: list[str], config_dir: str = MODELFILE_DIR) -> str:
-    """Start the server, create every model from its Modelfile, mark the replica started, stay with the server.
+def adapter_version(adapter: ResolvedAdapter) -> str:
+    """A tag that changes with the adapter's weights: its location and the revision of its run."""
+    return digest({"uri": adapter.uri, "revision": adapter.revision})[:12]
 
-    `models` are the names of `modelfiles`, in order (ConfigMap key model-<i>). The startup probe waits
-    for the marker, so the Service sends no traffic before every model exists.
-    """
-    steps = ["set -e", f"rm -f {OLLAMA_READY}", "ollama serve &", "pid=$!",
-             "until ollama list >/dev/null 2>&1; do sleep 1; done"]
-    for i, model in enumerate(models):
-        steps.append(f"ollama create {shlex.quote(model)} -f {config_dir}/model-{i}")
-    steps += [f"touch {OLLAMA_READY}", "wait $pid"]
-    return "\n".join(steps)
+
+# Positional parameters: the Modelfile directory, the work directory, NAME SOURCE pairs (adapters to
+# stage), --, the model names in Modelfile order (ConfigMap key model-<i>). Paths travel as arguments, not
+# inside the script, so they stay plain arguments of the container.
+OLLAMA_SCRIPT = """set -e
+config=$1 work=$2
+shift 2
+rm -f "$work/started"
+while [ "$1" != -- ]; do
+  mkdir -p "$work/adapters/$1"
+  cp "$2/adapter_config.json" "$work/adapters/$1/adapter_config.json"
+  cp "$2/adapter_model.safetensors" "$work/adapters/$1/model.safetensors"
+  shift 2
+done
+shift
+ollama serve &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
+until ollama list >/dev/null 2>&1; do kill -0 "$pid"; sleep 1; done
+i=0
+for model in "$@"; do
+  ollama create "$model" -f "$config/model-$i"
+  i=$((i + 1))
+done
+touch "$work/started"
+set +e
+wait "$pid"
+code=$?
+if kill -0 "$pid" 2>/dev/null; then wait "$pid"; code=$?; fi
+exit "$code"
+"""
+
+
+def ollama_command(models: list[str], ctx: ServeContext) -> list[str]:
+    """Stage the adapters, start the server, create every model from its Modelfile, mark the replica
+    started, stay with the server (passing it SIGTERM: a shell as PID 1 would not)."""
+    pairs = [x for a in ctx.adapters for x in (a.name, ctx.adapter_paths[a.name])]
+    return ["/bin/sh", "-c", OLLAMA_SCRIPT, "ollama-start", ctx.config_dir, OLLAMA_WORK, *pairs, "--", *models]
 
 
 class OllamaRuntime:
@@ -93,7 +160,7 @@ class OllamaRuntime:
         return lsv.spec.ollama is not None
 
     def validate(self, lsv: LlamaServe, model: CatalogModel | None,
-                 ranks: Mapping[str, int | None]) -> RuntimeReport:
+                 adapters: Mapping[str, AdapterFacts]) -> RuntimeReport:
         problems = []
         spec = lsv.spec
         if spec.api_key_secret_ref is not None:
@@ -105,6 +172,16 @@ class OllamaRuntime:
             if why:
                 problems.append(Problem(field, f"cannot be written into an Ollama Modelfile: {why}"))
         for i, adapter in enumerate(lsv.spec.adapters):
+            facts = adapters.get(adapter.name, AdapterFacts())
+            wrong = [m for m in facts.target_modules if m in MISCONVERTED_MODULES]
+            if wrong or facts.modules_to_save:
+                why = (f"has LoRA weights on {', '.join(wrong)}, which Ollama 0.17 converts wrongly (it permutes "
+                       "lora_A where the rotary layout needs lora_B permuted), so it would serve a different "
+                       "model than the one trained; train without q_proj/k_proj for runtime: ollama"
+                       if wrong else f"saves whole modules ({', '.join(facts.modules_to_save)}), which Ollama "
+                                     "does not import")
+                problems.append(Problem(f"spec.adapters[{i}]", f'adapter "{adapter.name}" ({facts.source}) {why}, '
+                                                              "or serve it with runtime: vllm"))
             if adapter.uri and adapter.uri.startswith("hf://"):
                 problems.append(Problem(f"spec.adapters[{i}].uri", "Ollama reads adapters from local files: use a "
                                                                     "pvc:// or s3:// adapter (or runtime: vllm)"))
@@ -117,9 +194,14 @@ class OllamaRuntime:
     def server(self, lsv: LlamaServe, ctx: ServeContext) -> Server:
         files = modelfiles(lsv, ctx)
         server = Server(
-            command=["/bin/sh", "-c", ollama_script([m for m, _ in files], ctx.config_dir)],
-            env=[{"name": "OLLAMA_HOST", "value": f"0.0.0.0:{OLLAMA_PORT}"}],
-            # Started once every model was created from its Modelfile (ollama_script).
+            command=ollama_command([m for m, _ in files], ctx),
+            env=[{"name": "OLLAMA_HOST", "value": f"0.0.0.0:{OLLAMA_PORT}"},
+                 {"name": "OLLAMA_MODELS", "value": f"{OLLAMA_HOME}/models"},
+                 # A server keeps its models loaded (Ollama unloads idle ones after 5 minutes).
+                 {"name": "OLLAMA_KEEP_ALIVE", "value": "-1"}],
+            volumes=[{"name": "ollama-work", "emptyDir": {}}],
+            mounts=[{"name": "ollama-work", "mountPath": OLLAMA_WORK}],
+            # Started once every model was created from its Modelfile (OLLAMA_SCRIPT).
             startup={"exec": {"command": ["test", "-f", OLLAMA_READY]}},
             health={"path": "/", "port": "http"},  # "Ollama is running"
             files={f"model-{i}": doc for i, (_, doc) in enumerate(files)})

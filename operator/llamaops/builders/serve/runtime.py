@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from llamaops.api import LlamaServe
 from llamaops.api.catalog import CatalogModel
-from llamaops.api.validation import RuntimeReport
+from llamaops.api.validation import AdapterFacts, RuntimeReport
 from llamaops.settings import Settings
 from llamaops.state.serve import ResolvedAdapter
 
@@ -80,9 +80,10 @@ class ServingRuntime(Protocol):
         ...
 
     def validate(self, lsv: LlamaServe, model: CatalogModel | None,
-                 ranks: Mapping[str, int | None]) -> RuntimeReport:
+                 adapters: Mapping[str, AdapterFacts]) -> RuntimeReport:
         """Problems of the spec for this runtime (and its memory plan, if it makes one). `model`: the catalog
-        entry of the base model, if it has one; `ranks`: the LoRA rank of each adapter by name, where known."""
+        entry of the base model, if it has one; `adapters`: what is known of each adapter by name (rank,
+        modules)."""
         ...
 
     def server(self, lsv: LlamaServe, ctx: ServeContext) -> Server:

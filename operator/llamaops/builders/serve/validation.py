@@ -13,18 +13,18 @@ from llamaops.api import LlamaServe
 from llamaops.api import validation as api_validation
 from llamaops.api.catalog import CatalogModel
 from llamaops.api.finetune import LlamaFineTune
-from llamaops.api.validation import Problem, Result, RuntimeReport
+from llamaops.api.validation import AdapterFacts, Problem, Result, RuntimeReport
 from llamaops.builders.serve.runtime import ServeError, get, names, runtimes
 
 
-def runtime_checks(lsv: LlamaServe, model: CatalogModel | None, ranks: Mapping[str, int | None]) -> RuntimeReport:
+def runtime_checks(lsv: LlamaServe, model: CatalogModel | None, adapters: Mapping[str, AdapterFacts]) -> RuntimeReport:
     """The checks of the runtime spec.runtime names (an unknown name is the one problem)."""
     try:
         runtime = get(lsv.spec.runtime)
     except ServeError:
         return RuntimeReport([Problem("spec.runtime", f"unsupported runtime {lsv.spec.runtime!r}: use one of "
                                                       f"{', '.join(names())}")])
-    report = runtime.validate(lsv, model, ranks)
+    report = runtime.validate(lsv, model, adapters)
     for other in runtimes():
         if other.name != runtime.name and other.section and other.section_set(lsv):
             report.problems.append(Problem(f"spec.{other.section}", f"runtime is {runtime.name}: the {other.section} "

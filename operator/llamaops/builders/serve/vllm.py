@@ -18,7 +18,7 @@ from llamaops.api.chat_template import served_template
 from llamaops.api.contract import HF_HOME
 from llamaops.api.memory import plan_serving
 from llamaops.api.serve import VLLM_LORA_RANKS, VllmSpec
-from llamaops.api.validation import Problem, RuntimeReport
+from llamaops.api.validation import AdapterFacts, Problem, RuntimeReport
 from llamaops.builders.scheduling import secret_env
 from llamaops.builders.serve.runtime import ServeContext, ServeError, Server, register
 from llamaops.builders.serve.workload import system_prompt
@@ -29,6 +29,8 @@ CHAT_TEMPLATE_DIR = "/etc/llamaops/chat"
 CHAT_TEMPLATE_FILE = "template.jinja"
 # --max-lora-rank when no adapter's rank is known (vLLM's own default).
 DEFAULT_MAX_LORA_RANK = 16
+
+LM_HEAD_MODULES = ("lm_head",)  # LoRA targets vLLM refuses (vllm#9280)
 
 
 def round_lora_rank(r: int) -> int:
@@ -108,7 +110,7 @@ class VllmRuntime:
         return lsv.spec.vllm != VllmSpec()
 
     def validate(self, lsv: LlamaServe, model: CatalogModel | None,
-                 ranks: Mapping[str, int | None]) -> RuntimeReport:
+                 adapters: Mapping[str, AdapterFacts]) -> RuntimeReport:
         spec, v = lsv.spec, lsv.spec.vllm
         problems: list[Problem] = []
         plan = None
@@ -134,8 +136,17 @@ class VllmRuntime:
         if v.max_loras is not None and spec.adapters and v.max_loras < len(spec.adapters):
             problems.append(Problem("spec.vllm.max_loras",
                                     f"{v.max_loras} is below the {len(spec.adapters)} adapters listed"))
-        for adapter in spec.adapters:
-            r = ranks.get(adapter.name)
+        for i, adapter in enumerate(spec.adapters):
+            facts = adapters.get(adapter.name, AdapterFacts())
+            r = facts.r
+            # vLLM loads LoRA weights for linear layers only: it refuses an adapter that saves whole modules
+            # or adapts lm_head (vllm#9280), so a pod would crash-loop on it.
+            unserved = [*facts.modules_to_save, *(m for m in facts.target_modules if m in LM_HEAD_MODULES)]
+            if unserved:
+                problems.append(Problem(f"spec.adapters[{i}]",
+                                        f'adapter "{adapter.name}" ({facts.source}) trains {", ".join(unserved)} '
+                                        "(lora.modules_to_save or an lm_head target): vLLM refuses such "
+                                        "adapters; train LoRA on the linear layers only"))
             if r is not None and v.max_lora_rank is not None and r > v.max_lora_rank:
                 problems.append(Problem("spec.vllm.max_lora_rank",
                                         f'{v.max_lora_rank} is below the rank {r} of adapter "{adapter.name}"; '

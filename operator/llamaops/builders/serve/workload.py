@@ -21,7 +21,7 @@ from llamaops.api import LlamaServe
 from llamaops.api.constants import ANNOTATION_SPEC_HASH, COMPONENT_SERVER, GROUP, KIND_SERVE, LABEL_COMPONENT
 from llamaops.api.contract import HF_HOME, digest, parse_pvc_uri
 from llamaops.builders.naming import LABEL_SERVE, child_name, dns_label, label_value, labels, metadata
-from llamaops.builders.scheduling import GPU, cpu_memory, node_selector, pod_options, secret_env, tolerations
+from llamaops.builders.scheduling import GPU, cpu_memory, node_placement, pod_options, secret_env
 from llamaops.builders.serve.runtime import ServeContext, ServeError, Server, ServingRuntime, get, runtimes
 from llamaops.settings import Settings
 from llamaops.state.serve import ResolvedAdapter, S3Credentials
@@ -38,6 +38,9 @@ S3_ADAPTER_ROOT = "/var/lib/llamaops/s3-adapters"  # s3:// adapters, fetched by 
 MODEL_ROOT = "/var/lib/llamaops/models"  # pvc:// base models, claim mounted read-only
 # Time for in-flight requests to finish after SIGTERM (vLLM drains on shutdown).
 TERMINATION_GRACE_SECONDS = 60
+# A terminating replica keeps serving this long before SIGTERM, while the endpoints controller and the proxies
+# stop sending it new requests (they learn of the deletion at the same time as the kubelet).
+PRESTOP_SLEEP_SECONDS = 5
 # A replica that never becomes Ready leaves the Deployment Progressing=False this long after the
 # startup budget: the LlamaServe then reports Degraded.
 PROGRESS_MARGIN_SECONDS = 600
@@ -257,6 +260,7 @@ def _deployment(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Sett
         "resources": _resources(lsv),
         "volumeMounts": vols.mounts,
         **_probes(lsv, server),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "terminationMessagePolicy": "FallbackToLogsOnError",
         # The official vLLM and Ollama images run as root and write caches under $HOME
         # (torch.compile, Triton, FlashInfer; Ollama's model store): runAsNonRoot and a
@@ -264,10 +268,11 @@ def _deployment(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Sett
         # no privilege escalation, no capabilities, the runtime's seccomp profile.
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
+    nodes, tols = node_placement(res, runtime.gpus(lsv), settings.dev_node)
     pod: dict[str, Any] = {
         "containers": [container],
         "volumes": vols.volumes,
-        "tolerations": tolerations(res, gpus=True),
+        "tolerations": tols,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "enableServiceLinks": False,  # a Service named "vllm" would otherwise set VLLM_PORT and confuse vLLM
@@ -277,9 +282,8 @@ def _deployment(lsv: LlamaServe, adapters: list[ResolvedAdapter], settings: Sett
     init = _s3_fetch(adapters, settings)
     if init:
         pod["initContainers"] = init
-    placement = node_selector(res)
-    if placement:
-        pod["nodeSelector"] = placement
+    if nodes:
+        pod["nodeSelector"] = nodes
     pod.update(pod_options(res, spec.image_pull_secrets))
     sel = selector(lsv)
     pod_annotations = {
