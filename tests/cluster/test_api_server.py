@@ -108,7 +108,8 @@ def test_printer_columns(crds, kubectl, namespace: str) -> None:
     _apply(kubectl, namespace, sv)
     kubectl("patch", "-n", namespace, "lft", ft["metadata"]["name"], "--subresource=status", "--type=merge", "-p",
             json.dumps({"status": {"phase": "Running", "queuePosition": 3,
-                                   "progress": {"step": 120, "totalSteps": 400, "display": "120/400", "loss": 1.234}}}))
+                                   "progress": {"step": 120, "totalSteps": 400, "display": "120/400", "loss": 1.234,
+                                                "stepSeconds": 42.5}}}))
     kubectl("patch", "-n", namespace, "lsv", sv["metadata"]["name"], "--subresource=status", "--type=merge", "-p",
             json.dumps({"status": {"phase": "Ready", "readyReplicas": 1, "adapterNames": "k8s-assistant",
                                    "endpoint": "http://llama31-8b.ns.svc:8000/v1"}}))
@@ -120,7 +121,9 @@ def test_printer_columns(crds, kubectl, namespace: str) -> None:
     assert lines[header] == ["NAME", "PHASE", "READY", "ADAPTERS", "ENDPOINT", "AGE"], out
     assert lines[header + 1][:5] == ["llamaserve.llamaops.io/llama31-8b", "Ready", "1", "k8s-assistant",
                                      "http://llama31-8b.ns.svc:8000/v1"], out
-    wide = kubectl("get", "-n", namespace, "lft", "-o", "wide").stdout.splitlines()[0].split()
-    assert wide == ["NAME", "PHASE", "QUEUE", "PROGRESS", "LOSS", "MODEL", "NODES", "GPUS/NODE", "ADAPTER", "AGE"]
+    wide = [line.split() for line in kubectl("get", "-n", namespace, "lft", "-o", "wide").stdout.splitlines()]
+    assert wide[0] == ["NAME", "PHASE", "QUEUE", "PROGRESS", "LOSS", "STEP-SECONDS", "MODEL", "NODES", "GPUS/NODE",
+                       "ADAPTER", "AGE"]
+    assert wide[1][5] == "42.5"  # the slowest step, which sizes the pods' grace period
     # The category and short names work too.
     assert "llama31-8b-lora" in kubectl("get", "-n", namespace, "llamaops", "-o", "name").stdout

@@ -125,4 +125,4 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_at_one_step(tmp_path: Pa
     assert sorted(r for r, _ in stops) == ["0", "1"], output[-4000:]
     assert len({s for _, s in stops}) == 1, f"ranks stopped at different steps: {stops}"
     step = int(stops[0][1])
-    assert (out / CHECKPOINTS_DIR / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert (out / CHECKPOINTS_DIR / f"checkpoint-{step}" / COMPLETE_MARKER).is_file()  # every rank's part synced

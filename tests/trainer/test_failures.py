@@ -107,6 +107,8 @@ BAD_SPECS = [
     ("unknown-module", {"lora": {"target_modules": ["foo_proj"]}}, "spec.lora", "foo_proj"),
     ("wrong-type", {"training": {"max_steps": "ten"}}, "spec.training.max_steps", ""),
     ("loftq-on-cpu", {"lora": {"init_lora_weights": "loftq"}}, "spec.lora.init_lora_weights", "needs a GPU"),
+    # wandb is not among the trainer image's packages
+    ("tracker-not-installed", {"training": {"report_to": ["wandb"]}}, "spec.training.report_to", "not installed"),
 ]
 
 

@@ -94,6 +94,20 @@ def test_training_patches_progress(fake_api: type[FakeCore], tmp_path: Path, tra
     assert adapter["r"] == written["r"] and adapter["baseModel"] == written["base_model_name_or_path"]
     final = bodies[-1]
     assert final["step"] == 10 and final["totalSteps"] == 10 and final["display"] == "10/10"
-    assert {"loss", "learningRate", "tokensPerSecond", "epoch", "updatedAt", "etaSeconds"} <= set(final)
-    assert final["tokensPerSecond"] > 0 and final["etaSeconds"] == 0
+    assert {"loss", "learningRate", "tokensPerSecond", "epoch", "updatedAt", "etaSeconds", "stepSeconds"} <= set(final)
+    assert final["tokensPerSecond"] > 0 and final["etaSeconds"] == 0 and final["stepSeconds"] > 0
     assert "could not report progress" in caplog.text
+
+
+def test_step_timer_reports_the_slowest_step_after_the_first() -> None:
+    """The first step warms up (and a stop during it loses no finished step): left out once another is timed."""
+    clock = iter([0.0, 9.0, 10.0, 12.0, 12.0, 15.0, 16.0, 17.0])
+    timer = progress.StepTimer(clock=lambda: next(clock))
+    assert timer.seconds is None
+    timer.begin()
+    timer.end()
+    assert timer.seconds == 9.0  # the only one
+    for _ in range(3):
+        timer.begin()
+        timer.end()
+    assert timer.seconds == 3.0

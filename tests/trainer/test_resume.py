@@ -9,8 +9,22 @@ import time
 from pathlib import Path
 
 import pytest
-from llamaops.api.contract import ADAPTER_DIR, CHECKPOINTS_DIR, EXIT_RETRYABLE, METRICS_FILE, RUN_INFO_FILE
-from llamaops_trainer.checkpoints import find_resume_checkpoint
+from llamaops.api.contract import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    COMPLETE_MARKER,
+    EXIT_RETRYABLE,
+    METRICS_FILE,
+    RUN_INFO_FILE,
+)
+from llamaops_trainer.checkpoints import (
+    SPEC_HASH_FILE,
+    claim,
+    find_resume_checkpoint,
+    is_complete,
+    mark_complete,
+    rotate,
+)
 from slow_trainer import slow_trainer_command
 from trainer_helpers import losses, manifest, merge, run_in_process, write_spec
 
@@ -27,7 +41,7 @@ def _start(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: float = 180) -> None:
-    state = out / CHECKPOINTS_DIR / f"checkpoint-{step}" / "trainer_state.json"
+    state = out / CHECKPOINTS_DIR / f"checkpoint-{step}" / COMPLETE_MARKER
     deadline = time.monotonic() + timeout
     while not state.is_file():
         if proc.poll() is not None:
@@ -83,9 +97,9 @@ def test_sigkill_resumes_from_the_newest_complete_checkpoint(tmp_path: Path, tra
     _wait_for_checkpoint(proc, out, 8)
     proc.kill()
     proc.wait(timeout=30)
-    newest = max(s for s in _steps(out) if (out / CHECKPOINTS_DIR / f"checkpoint-{s}" / "trainer_state.json").is_file())
+    newest = max(s for s in _steps(out) if is_complete(out / CHECKPOINTS_DIR / f"checkpoint-{s}"))
     assert 8 <= newest < MAX_STEPS
-    # A checkpoint cut short by the kill (no trainer_state.json) must be passed over.
+    # A checkpoint cut short by the kill (no COMPLETE marker) must be passed over.
     partial = out / CHECKPOINTS_DIR / f"checkpoint-{newest + 4}"
     if not partial.exists():
         partial.mkdir()
@@ -97,15 +111,59 @@ def test_sigkill_resumes_from_the_newest_complete_checkpoint(tmp_path: Path, tra
     _resume_and_finish(tmp_path, out, newest)
 
 
-def test_find_resume_checkpoint(tmp_path: Path) -> None:
+def _saved(directory: Path, step: int, complete: bool) -> Path:
+    """A checkpoint as Trainer leaves it (trainer_state.json last), marked complete or cut short before."""
+    d = directory / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    (d / "adapter_model.safetensors").write_bytes(b"x")
+    (d / "trainer_state.json").write_text("{}")
+    if complete:
+        mark_complete(d, step)
+    return d
+
+
+def test_find_resume_checkpoint_takes_the_newest_marked_one(tmp_path: Path) -> None:
     assert find_resume_checkpoint(tmp_path / "none") is None
-    for step, whole in ((5, True), (10, True), (15, False)):
-        d = tmp_path / f"checkpoint-{step}"
-        d.mkdir()
-        (d / "adapter_model.safetensors").write_bytes(b"x")
-        if whole:
-            (d / "trainer_state.json").write_text("{}")
+    for step, complete in ((5, True), (10, True), (15, False)):
+        _saved(tmp_path, step, complete)
+    # checkpoint-15 has every file of Trainer's but no marker: killed before it was synced and marked.
     assert find_resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    marker = tmp_path / "checkpoint-10" / COMPLETE_MARKER
+    assert json.loads(marker.read_text()) == {"step": 10}
+    assert not list(tmp_path.rglob(f"*{COMPLETE_MARKER}.tmp")), "written under a temporary name, renamed"
+    (tmp_path / "checkpoint-5" / COMPLETE_MARKER).unlink()
+    (tmp_path / "checkpoint-10" / COMPLETE_MARKER).unlink()
+    assert find_resume_checkpoint(tmp_path) is None
+
+
+def test_rotation_keeps_a_complete_checkpoint_whatever_the_limit(tmp_path: Path) -> None:
+    """Older checkpoints go only after the new one is marked: with save_total_limit 1, a kill while saving
+    checkpoint-6 still leaves checkpoint-4 to resume from."""
+    _saved(tmp_path, 2, True)
+    _saved(tmp_path, 3, False)  # cut short earlier: garbage once a newer one is complete
+    _saved(tmp_path, 4, True)
+    assert rotate(tmp_path, keep=1) == ["checkpoint-2", "checkpoint-3"]
+    _saved(tmp_path, 6, False)  # being saved, or killed while saving: not marked yet
+    assert rotate(tmp_path, keep=1) == []
+    assert find_resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    mark_complete(tmp_path / "checkpoint-6", 6)
+    assert rotate(tmp_path, keep=1) == ["checkpoint-4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]
+
+
+def test_claim_adopts_checkpoints_of_a_trainer_that_wrote_no_marker_once(tmp_path: Path) -> None:
+    """A run upgraded mid-way resumes from what the earlier trainer saved (trainer_state.json was its last file);
+    once claimed by this trainer, a checkpoint without its marker is one cut short."""
+    _saved(tmp_path, 4, False)
+    d = tmp_path / "checkpoint-8"
+    d.mkdir()
+    (d / "adapter_model.safetensors").write_bytes(b"x")  # the earlier trainer was killed before trainer_state.json
+    (tmp_path / SPEC_HASH_FILE).write_text("hash\n")  # this spec's
+    claim(tmp_path, "hash")
+    assert find_resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    _saved(tmp_path, 12, False)
+    claim(tmp_path, "hash")
+    assert find_resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
 
 
 def test_checkpoints_of_an_edited_spec_are_not_resumed(tmp_path: Path, trainer_env: dict[str, str]) -> None:

@@ -1,4 +1,5 @@
-"""An S3 output (a real MinIO): the finished adapter lands under the prefix, the COMPLETE marker last."""
+"""An S3 output (a real MinIO): each checkpoint and the finished adapter land under the prefix, each with its
+COMPLETE marker last."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llamaops.api.contract import ADAPTER_DIR, COMPLETE_MARKER, EXIT_BAD_CONFIG, RUN_INFO_FILE
+from llamaops.api.contract import ADAPTER_DIR, CHECKPOINTS_DIR, COMPLETE_MARKER, EXIT_BAD_CONFIG, RUN_INFO_FILE
 from llamaops.api.finetune import OutputSpec
 from llamaops_trainer import s3
 from llamaops_trainer.errors import BadConfig, Retryable
 from llamaops_trainer.export import upload_adapter
-from trainer_helpers import S3Server, manifest, run_in_process
+from trainer_helpers import S3Server, manifest, run_in_process, s3_objects
 
 
 @pytest.fixture
@@ -31,13 +32,6 @@ def put_keys(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return keys
 
 
-def _objects(server: S3Server, prefix: str) -> dict[str, bytes]:
-    client = server.client()
-    listing = client.list_objects_v2(Bucket=server.bucket, Prefix=prefix).get("Contents", [])
-    return {o["Key"][len(prefix):]: client.get_object(Bucket=server.bucket, Key=o["Key"])["Body"].read()
-            for o in listing}
-
-
 def test_run_with_s3_output_uploads_the_adapter(s3_env: S3Server, trainer_env: dict[str, str], put_keys: list[str],
                                                 tmp_path: Path) -> None:
     prefix = "runs/tiny run/"  # a space: keys are quoted right in path-style URLs
@@ -46,11 +40,16 @@ def test_run_with_s3_output_uploads_the_adapter(s3_env: S3Server, trainer_env: d
     code, out = run_in_process(doc, tmp_path)
     assert code == 0
     local = {p.name: p.read_bytes() for p in (out / ADAPTER_DIR).iterdir()}
-    uploaded = _objects(s3_env, f"{prefix}{ADAPTER_DIR}/")
+    uploaded = s3_objects(s3_env, f"{prefix}{ADAPTER_DIR}/")
     assert {"adapter_config.json", "adapter_model.safetensors", RUN_INFO_FILE, COMPLETE_MARKER} <= set(uploaded)
     assert uploaded == local, "every file of the adapter, byte for byte"
     assert put_keys[-1] == f"{prefix}{ADAPTER_DIR}/{COMPLETE_MARKER}"
-    assert len(put_keys) == len(local)
+    assert len([k for k in put_keys if k.startswith(f"{prefix}{ADAPTER_DIR}/")]) == len(local)
+    # The checkpoint went up first, every file of it, its COMPLETE marker last.
+    checkpoint = f"{prefix}{CHECKPOINTS_DIR}/checkpoint-2/"
+    saved = {p.name: p.read_bytes() for p in (out / CHECKPOINTS_DIR / "checkpoint-2").iterdir()}
+    assert COMPLETE_MARKER in saved and s3_objects(s3_env, checkpoint) == saved
+    assert [k for k in put_keys if k.startswith(checkpoint)][-1] == checkpoint + COMPLETE_MARKER
 
 
 def _adapter(tmp_path: Path) -> Path:

@@ -53,7 +53,9 @@ def test_adapter_directory_is_complete(trained: Path) -> None:
     assert info["metrics"]["num_tokens"] > 0
     assert "<|start_header_id|>" in (adapter / "chat_template.jinja").read_text()
     assert not [p for p in trained.iterdir() if p.name.startswith(".")], "no temporary directory left behind"
-    assert sorted(p.name for p in (trained / CHECKPOINTS_DIR).iterdir()) == ["checkpoint-40", "checkpoint-60", "spec-hash"]
+    assert sorted(p.name for p in (trained / CHECKPOINTS_DIR).iterdir()) == ["checkpoint-40", "checkpoint-60",
+                                                                              "complete-markers", "spec-hash"]
+    assert all((trained / CHECKPOINTS_DIR / f"checkpoint-{s}" / COMPLETE_MARKER).is_file() for s in (40, 60))
 
 
 def test_metrics_jsonl_records(trained: Path) -> None:
@@ -142,3 +144,47 @@ def test_pissa_adapter_is_converted_for_the_original_base(tmp_path: Path, traine
         before = base(input_ids=ids).logits
         after = PeftModel.from_pretrained(base, str(out / ADAPTER_DIR)).eval()(input_ids=ids).logits
     assert torch.isfinite(after).all() and not torch.allclose(before, after, atol=1e-3)
+
+
+def test_gradient_checkpointing_follows_the_spec_else_the_memory_plan(pvc_root: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset: off on the CPU; on a GPU, on only when the plan of this model (counted from its config.json, as the
+    catalog does not know it) would not fit without it."""
+    from llamaops.api import LlamaFineTune
+    from llamaops_trainer import model as models
+
+    path = str(pvc_root / CLAIM / MODEL)
+
+    def spec(**training: Any) -> Any:
+        doc = manifest(training=training)
+        doc["spec"]["resources"] = {"gpusPerNode": 1, "gpuMemoryGB": 4}
+        return LlamaFineTune.model_validate(doc).spec
+
+    assert models.use_gradient_checkpointing(spec(gradient_checkpointing=None), path) is False  # the CPU
+    assert models.use_gradient_checkpointing(spec(gradient_checkpointing=True), path) is True
+    monkeypatch.setattr(models, "use_cuda", lambda: True)
+    assert models.use_gradient_checkpointing(spec(gradient_checkpointing=None, per_device_train_batch_size=1,
+                                                  max_seq_length=256), path) is False
+    # 24 x 8192 tokens of this 2-layer, 64-wide model on a 4 GB GPU: 1.72 GB of activations and logits over
+    # the runtime's 2 GB without checkpointing (does not fit), 1.37 GB with (fits)
+    assert models.use_gradient_checkpointing(spec(gradient_checkpointing=None, per_device_train_batch_size=24,
+                                                  max_seq_length=8192), path) is True
+    assert models.use_gradient_checkpointing(spec(gradient_checkpointing=False, per_device_train_batch_size=24,
+                                                  max_seq_length=8192), path) is False
+
+
+def test_report_to_tensorboard_writes_the_losses_beside_metrics_jsonl(tmp_path: Path, trainer_env: dict[str, str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard and `llamaops plot` read the same run: the event files under <output>/tensorboard hold the
+    losses metrics.jsonl holds, step for step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    code, out = run_in_process(manifest(training={"max_steps": 8, "logging_steps": 2, "report_to": ["tensorboard"]}),
+                               tmp_path)
+    assert code == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = {(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")}
+    assert scalars and scalars == {(step, round(loss, 4)) for step, loss in losses(out / METRICS_FILE)}
+

@@ -111,6 +111,14 @@ class S3Server:
                             config=Config(s3={"addressing_style": "path"}))
 
 
+def s3_objects(server: S3Server, prefix: str) -> dict[str, bytes]:
+    """The objects under prefix, by their key after it."""
+    client = server.client()
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=server.bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    return {k[len(prefix):]: client.get_object(Bucket=server.bucket, Key=k)["Body"].read() for k in keys}
+
+
 def aws_env(monkeypatch: pytest.MonkeyPatch, access_key: str, secret_key: str) -> None:
     """AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, and nothing else boto3 could pick up (profiles, instance metadata)."""
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",

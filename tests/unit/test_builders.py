@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import yaml
 from api_cases import example
 from llamaops.api import LlamaFineTune
+from llamaops.api.contract import ENV_STOP_TIMEOUT
+from llamaops.api.finetune import FineTuneStatus, Progress
 from llamaops.api.manifests import load_all
-from llamaops.builders.finetune import Names, spec_document, workload
+from llamaops.builders.finetune import (
+    MAX_TERMINATION_GRACE_SECONDS,
+    SAVE_SECONDS,
+    STEP_MARGIN,
+    STOP_SLACK_SECONDS,
+    TERMINATION_GRACE_SECONDS,
+    Names,
+    spec_document,
+    workload,
+)
 from llamaops.builders.naming import MAX_JOB_NAME, child_name
 from llamaops.queue import Placement, PolicyConfig, QueuedRun, create
 from llamaops.settings import Settings
@@ -200,3 +212,76 @@ def test_a_download_credential_reaches_the_trainer_from_its_secret_only() -> Non
                                                                  "authSecretRef": {"name": "dl", "key": "auth"}}})
     env = pod(workload(run, Settings(), Placement()).job)["containers"][0]["env"]
     assert {"name": "LLAMAOPS_HTTP_AUTHORIZATION", "valueFrom": {"secretKeyRef": {"name": "dl", "key": "auth"}}} in env
+
+
+def _stop(job: dict) -> tuple[int, int]:
+    """(terminationGracePeriodSeconds, $LLAMAOPS_STOP_TIMEOUT_SECONDS) of a Job's pods."""
+    p = pod(job)
+    env = {e["name"]: e.get("value") for e in p["containers"][0]["env"]}
+    return p["terminationGracePeriodSeconds"], int(env[ENV_STOP_TIMEOUT])
+
+
+def measured(step_seconds: float | None) -> LlamaFineTune:
+    run = lft()
+    run.status = FineTuneStatus(progress=Progress(step=7, step_seconds=step_seconds))
+    return run
+
+
+def test_stop_grace_is_the_default_until_a_step_time_is_measured() -> None:
+    assert _stop(workload(lft(), Settings(), Placement()).job) == (
+        TERMINATION_GRACE_SECONDS, TERMINATION_GRACE_SECONDS - STOP_SLACK_SECONDS)
+    assert _stop(workload(measured(None), Settings(), Placement()).job)[0] == TERMINATION_GRACE_SECONDS
+    # A fast step never shortens it below the default.
+    assert _stop(workload(measured(2.5), Settings(), Placement()).job)[0] == TERMINATION_GRACE_SECONDS
+
+
+def test_stop_grace_covers_a_measured_slow_step_and_its_save() -> None:
+    """A 70B step of 130 s: the grace covers it 1.5 times plus the save; the trainer stops 15 s before SIGKILL."""
+    grace, timeout = _stop(workload(measured(130.0), Settings(), Placement()).job)
+    assert grace == math.ceil(130 * STEP_MARGIN + SAVE_SECONDS) == 255
+    assert timeout == grace - STOP_SLACK_SECONDS and 130 < timeout < grace
+    # Whatever a pod reports, a node is not held past the cap.
+    assert _stop(workload(measured(1e9), Settings(), Placement()).job)[0] == MAX_TERMINATION_GRACE_SECONDS
+
+
+def test_a_run_read_from_the_server_keeps_its_measured_step_for_the_builder() -> None:
+    from llamaops.handlers.workload import parse
+
+    body = {**example("llama-3.1-8b-lora.yaml"), "status": {
+        "phase": "Running", "kopf": {"progress": {}}, "conditions": [],
+        "progress": {"step": 40, "stepSeconds": 90, "updatedAt": "2026-01-01T00:00:00Z"}}}
+    body["metadata"].update(namespace="team-a", uid="uid-1")
+    run = parse(body)
+    assert run.status is not None and run.status.progress is not None and run.status.progress.step_seconds == 90
+    assert run.status.phase is None  # the rest of the status is the operator's, read elsewhere
+    assert _stop(workload(run, Settings(), Placement()).job)[0] == 90 * STEP_MARGIN + SAVE_SECONDS
+    body["status"]["progress"] = {"step": "garbage"}
+    assert parse(body).status is None
+
+
+def _tmp_limit(run: LlamaFineTune) -> str:
+    [tmp] = [v for v in pod(workload(run, Settings(), Placement()).job)["volumes"] if v["name"] == "tmp"]
+    return tmp["emptyDir"]["sizeLimit"]
+
+
+def test_the_staging_tmp_is_bounded_by_what_the_run_keeps_there() -> None:
+    """(save_total_limit + 1) checkpoints at 12 bytes per trainable parameter, adapter copies, room for data."""
+    run = lft()  # Llama 3.1 8B, r=32 on all seven projections: 84 M trainable parameters, 1.0 GB a checkpoint
+    assert _tmp_limit(run) == "20Gi"  # the floor: 4 checkpoints + 2 adapters (4.4 GiB) + 10 GiB of data
+    run.spec.training.save_total_limit = 40
+    assert _tmp_limit(run) == "50Gi"  # 41 checkpoints (38.5 GiB) + 2 adapters (0.6 GiB), rounded up, + 10 GiB
+    run.spec.model.base_model = "pvc://models/unknown"
+    assert _tmp_limit(run) == "100Gi"  # a model the catalog does not know: no estimate
+
+
+def test_tracking_credentials_come_from_their_secret_whole() -> None:
+    run = lft()
+    assert "envFrom" not in pod(workload(run, Settings(), Placement()).job)["containers"][0]
+    doc = example("llama-3.1-8b-lora.yaml")
+    doc["metadata"].update(name="tracked", namespace="team-a", uid="u")
+    doc["spec"]["training"]["report_to"] = ["wandb", "tensorboard"]
+    doc["spec"]["trackingSecretRef"] = {"name": "wandb"}
+    tracked = LlamaFineTune.model_validate(doc)
+    ctr = pod(workload(tracked, Settings(), Placement()).job)["containers"][0]
+    assert ctr["envFrom"] == [{"secretRef": {"name": "wandb"}}]
+    assert not any(e.get("name", "").startswith("WANDB") for e in ctr["env"])  # no value inlined in the Job

@@ -138,13 +138,14 @@ def test_a_node_is_lost_when_deleted_or_not_ready_past_the_grace() -> None:
 
 def test_a_report_is_read_key_by_key_and_garbage_is_refused_with_why() -> None:
     good = Report.of({"progress": json.dumps({"step": 5, "totalSteps": 10, "loss": 1.5, "display": "5/10",
-                                              "updatedAt": "2026-01-01T00:00:00Z"}),
+                                              "stepSeconds": 45.2, "updatedAt": "2026-01-01T00:00:00Z"}),
                       "adapter": json.dumps({"baseModel": "m", "r": 16})})
     assert good.progress_status() == {"step": 5, "totalSteps": 10, "loss": 1.5, "display": "5/10",
-                                      "updatedAt": "2026-01-01T00:00:00Z"}
+                                      "stepSeconds": 45.2, "updatedAt": "2026-01-01T00:00:00Z"}
     assert good.adapter is not None and good.adapter.r == 16 and good.problems == ()
     forged = Report.of({"progress": json.dumps({"step": -1, "phase": "Succeeded"}), "adapter": "not json"})
     assert forged.progress is None and forged.adapter is None and len(forged.problems) == 2
+    assert Report.of({"progress": json.dumps({"step": 5, "stepSeconds": -1})}).progress is None
     assert Report.of(None) == Report()
 
 

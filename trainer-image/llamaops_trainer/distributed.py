@@ -7,10 +7,12 @@ import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,17 @@ def any_rank(flag: bool, world: WorldInfo) -> bool:
     t = torch.tensor([1 if flag else 0], device=device(world))
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def broadcast_object(value: T, world: WorldInfo) -> T:
+    """Rank 0's value on every rank (what the others pass is ignored), so all act on one decision."""
+    import torch.distributed as torch_dist
+
+    if not world.distributed or not torch_dist.is_initialized():
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown() -> None:

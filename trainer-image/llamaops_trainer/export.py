@@ -122,8 +122,7 @@ def upload_adapter(adapter: Path, s3_location: Any) -> str:
     """
     from llamaops_trainer import s3
 
-    bucket, prefix = s3.parse_uri(s3_location.uri)
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    bucket, prefix = s3.directory(s3_location.uri)
     dest = f"s3://{bucket}/{prefix}{ADAPTER_DIR}"
     with s3.errors("spec.output.s3.uri", s3_location.uri):
         client = s3.client(s3_location.endpoint, s3_location.region)

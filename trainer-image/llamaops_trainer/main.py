@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace, world: distributed.WorldInfo, stop: Any, stat
     # Heavy imports only now: a bad spec fails in a second, before torch is loaded.
     from transformers import set_seed
 
-    from llamaops_trainer import checkpoints, data, progress, sources, training
+    from llamaops_trainer import checkpoints, data, progress, remote_checkpoints, sources, training
     from llamaops_trainer import model as models
 
     distributed.init(world)
@@ -172,7 +172,8 @@ def _run(args: argparse.Namespace, world: distributed.WorldInfo, stop: Any, stat
 
     checkpoints_dir = out / CHECKPOINTS_DIR
     steps = training.planned_steps(spec, len(prepared.train), world)
-    targs = training.training_arguments(spec, checkpoints_dir, world, steps, has_eval=bool(prepared.eval))
+    targs = training.training_arguments(spec, checkpoints_dir, world, steps, has_eval=bool(prepared.eval),
+                                        gradient_checkpointing=models.use_gradient_checkpointing(spec, model_path))
 
     reporter = None
     if world.is_main and cfg.report and cfg.namespace:
@@ -181,16 +182,24 @@ def _run(args: argparse.Namespace, world: distributed.WorldInfo, stop: Any, stat
     elif world.is_main:
         log.info("no report ConfigMap named in the environment: progress reporting is off")
     progress_cb = progress.ProgressCallback(out / METRICS_FILE if world.is_main else None, reporter)
-    stop_cb = checkpoints.StopOnSignalCallback(stop, world)
+    callbacks: list[Any] = [progress_cb, checkpoints.StopOnSignalCallback(stop, world),
+                            checkpoints.CompleteCheckpoints(spec.training.save_total_limit)]
+    remote = None
+    if cfg.s3_output is not None:
+        # The staging directory dies with the pod: S3 keeps the checkpoints. After CompleteCheckpoints: it marks them.
+        remote = remote_checkpoints.Remote.of(cfg.s3_output)
+        callbacks.append(remote_checkpoints.UploadCheckpoints(remote, world, spec.training.save_total_limit))
 
     trainer = training.LlamaOpsTrainer(
         model=peft_model, args=targs, data_collator=collator, processing_class=tokenizer,
         train_dataset=data.SequenceDataset(prepared.train),
         eval_dataset=data.SequenceDataset(prepared.eval) if prepared.eval else None,
-        callbacks=[progress_cb, stop_cb],
+        callbacks=callbacks,
     )
     if world.is_main:
         checkpoints.claim(checkpoints_dir, cfg.spec_hash)
+    if remote is not None:
+        remote_checkpoints.restore(remote, checkpoints_dir, cfg.spec_hash, world)
     distributed.barrier()
     resume = checkpoints.find_resume_checkpoint(checkpoints_dir)
     if world.is_main:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -141,6 +142,27 @@ def quantization_config(q: QuantizationSpec, world: WorldInfo) -> Any:
     )
 
 
+def use_gradient_checkpointing(spec: FineTuneSpec, path: str) -> bool:
+    """The spec's choice, else the memory plan's (llamaops validate shows the same): on only when the run
+    would not fit the GPU without it. A CPU run has no GPU memory to save: off."""
+    if spec.training.gradient_checkpointing is not None:
+        return spec.training.gradient_checkpointing
+    if not use_cuda():
+        return False
+    from llamaops.api import catalog
+    from llamaops.api.memory import architecture, plan_training
+
+    known = catalog.lookup(spec.model.base_model)
+    if known is not None:
+        arch = known.arch
+    else:  # the model's own config: its size counted from it
+        c = json.loads((Path(path) / "config.json").read_text())
+        arch = architecture(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                            c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"],
+                            c["vocab_size"], bool(c.get("tie_word_embeddings")))
+    return plan_training(spec, arch).gradient_checkpointing
+
+
 def load_model(spec: FineTuneSpec, path: str, world: WorldInfo, attn: str) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -154,13 +176,17 @@ def load_model(spec: FineTuneSpec, path: str, world: WorldInfo, attn: str) -> An
         kwargs["device_map"] = {"": world.local_rank if use_cuda() else "cpu"}
     model = _load("model", AutoModelForCausalLM.from_pretrained, m.base_model, path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    checkpointing = use_gradient_checkpointing(spec, path)
+    log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off",
+             "spec.training.gradient_checkpointing" if spec.training.gradient_checkpointing is not None
+             else "the memory plan")
     if q.enabled:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.training.gradient_checkpointing,
+            model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
-    elif spec.training.gradient_checkpointing:
+    elif checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
         else:

@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +136,43 @@ class Reporter:
                 self._api = None  # rebuild: credentials may have rotated
 
 
+class StepTimer:
+    """The slowest optimizer step of this process, in seconds: what a stop must wait for before it can save.
+
+    The first step is left out once another is timed: it also warms up (kernels, allocator, first batch), and
+    a stop during it loses no finished step.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._started: float | None = None
+        self._first: float | None = None
+        self._slowest: float | None = None
+
+    def begin(self) -> None:
+        self._started = self._clock()
+
+    def end(self) -> None:
+        if self._started is None:
+            return
+        took, self._started = self._clock() - self._started, None
+        if self._first is None:
+            self._first = took
+        else:
+            self._slowest = max(self._slowest or 0.0, took)
+
+    @property
+    def seconds(self) -> float | None:
+        return self._slowest if self._slowest is not None else self._first
+
+
 class ProgressCallback(TrainerCallback):
     """On rank 0: each log record to metrics.jsonl, and progress to the status reporter."""
 
     def __init__(self, metrics_path: Path | None, reporter: Reporter | None) -> None:
         self.metrics_path = metrics_path
         self.reporter = reporter
+        self.steps = StepTimer()
         self._t0 = time.monotonic()
         self._step0 = 0
         self._last: tuple[float, int] | None = None  # (time, tokens seen) at the previous log
@@ -152,6 +184,12 @@ class ProgressCallback(TrainerCallback):
         self._last = (self._t0, state.num_input_tokens_seen or 0)
         if state.is_world_process_zero:
             self._publish(state, {}, final=False)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps.begin()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps.end()  # before any log, evaluation or save of this step
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
@@ -192,8 +230,11 @@ class ProgressCallback(TrainerCallback):
                 progress["etaSeconds"] = int(max(0, total - step) * elapsed / done)
         if state.epoch is not None:
             progress["epoch"] = round(float(state.epoch), 4)
-        for src, dst in (("loss", "loss"), ("learning_rate", "learningRate"), ("tokens_per_second", "tokensPerSecond")):
-            value = record.get(src)
+        # The slowest step sizes the pods' stop grace when the operator makes the Job again (builders.finetune).
+        values = {**record, "step_seconds": self.steps.seconds}
+        for src, dst in (("loss", "loss"), ("learning_rate", "learningRate"), ("tokens_per_second", "tokensPerSecond"),
+                         ("step_seconds", "stepSeconds")):
+            value = values.get(src)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 # Four significant digits: what `kubectl get` shows, and all a status needs.
                 progress[dst] = float(f"{value:.4g}")

@@ -52,6 +52,12 @@ def parse_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def directory(uri: str) -> tuple[str, str]:
+    """s3://bucket/prefix -> (bucket, "prefix/"): the key prefix of the files under it ("" at the bucket's root)."""
+    bucket, prefix = parse_uri(uri)
+    return bucket, prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+
+
 def client(endpoint: str | None = None, region: str | None = None) -> Any:
     """An S3 client for a location's endpoint and region (unset: AWS, and the region of the environment).
 
@@ -148,15 +154,38 @@ def download_prefix(conn: Any, bucket: str, prefix: str, dest_dir: Path, suffix:
     return paths
 
 
-def upload_dir(conn: Any, src: Path, bucket: str, prefix: str, last: str | None = None) -> list[str]:
-    """Every file under src to s3://bucket/<prefix><relative path>; the file named `last` goes last.
+def upload_dir(conn: Any, src: Path, bucket: str, prefix: str, last: str | None = None,
+               exclude: frozenset[str] = frozenset()) -> list[str]:
+    """Every file under src but those named in exclude to s3://bucket/<prefix><relative path>; the file named
+    `last` goes last.
 
     Returns the keys written, in order.
     """
-    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+    files = sorted((p for p in src.rglob("*") if p.is_file() and p.name not in exclude),
+                   key=lambda p: (p.name == last, str(p)))
     keys = []
     for f in files:
         key = prefix + f.relative_to(src).as_posix()
         conn.upload_file(str(f), bucket, key)
         keys.append(key)
     return keys
+
+
+def read_text(conn: Any, bucket: str, key: str) -> str | None:
+    """A small object's text, or None when there is no such object."""
+    try:
+        return conn.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except ClientError as exc:
+        if is_not_found(exc) and _code(exc)[0] != "NoSuchBucket":
+            return None
+        raise
+
+
+def delete_keys(conn: Any, bucket: str, keys: list[str]) -> None:
+    """Deletes the keys, 1000 a request (DeleteObjects' limit). A key already gone is no error; any other is raised."""
+    for i in range(0, len(keys), 1000):
+        batch = [{"Key": k} for k in keys[i:i + 1000]]
+        failed = conn.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}).get("Errors") or []
+        if failed:  # reported in a 200 answer, one entry a key
+            raise ClientError({"Error": {"Code": failed[0].get("Code"), "Message": failed[0].get("Message")}},
+                              "DeleteObjects")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,10 @@ def use_bf16(spec: FineTuneSpec) -> bool:
 
 
 def training_arguments(spec: FineTuneSpec, checkpoints_dir: Path, world: WorldInfo, steps: int,
-                       has_eval: bool) -> TrainingArguments:
+                       has_eval: bool, gradient_checkpointing: bool | None = None) -> TrainingArguments:
+    """`gradient_checkpointing`: model.use_gradient_checkpointing's decision (default: the spec's, off if unset)."""
     t = spec.training
+    checkpointing = bool(t.gradient_checkpointing) if gradient_checkpointing is None else gradient_checkpointing
     scheduler_kwargs: dict[str, Any] = {}
     if t.lr_scheduler_type == "cosine_with_min_lr":
         scheduler_kwargs = {"min_lr_rate": 0.1}
@@ -44,14 +48,17 @@ def training_arguments(spec: FineTuneSpec, checkpoints_dir: Path, world: WorldIn
     # transformers 5 folds warmup_ratio into warmup_steps (a float below 1 is a ratio).
     warmup: float = t.warmup_steps if t.warmup_steps > 0 else min(t.warmup_ratio, 0.999)
     eval_strategy = t.eval_strategy if has_eval else "no"
+    trackers = report_to(spec, checkpoints_dir.parent)
     try:
-        return _arguments(t, checkpoints_dir, world, spec, warmup, scheduler_kwargs, eval_strategy)
+        return _arguments(t, checkpoints_dir, world, spec, warmup, scheduler_kwargs, eval_strategy, checkpointing,
+                          trackers)
     except ValueError as exc:  # TrainingArguments checks combinations (precision, strategies) itself
         raise BadConfig("spec.training", " ".join(str(exc).split())[:300]) from None
 
 
 def _arguments(t: Any, checkpoints_dir: Path, world: WorldInfo, spec: FineTuneSpec, warmup: float,
-               scheduler_kwargs: dict[str, Any], eval_strategy: str) -> TrainingArguments:
+               scheduler_kwargs: dict[str, Any], eval_strategy: str, checkpointing: bool,
+               trackers: list[str]) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(checkpoints_dir),
         num_train_epochs=t.num_train_epochs,
@@ -69,7 +76,7 @@ def _arguments(t: Any, checkpoints_dir: Path, world: WorldInfo, spec: FineTuneSp
         adam_beta2=t.adam_beta2,
         adam_epsilon=t.adam_epsilon,
         max_grad_norm=t.max_grad_norm,
-        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing=checkpointing,  # transformers 5's name for gradient checkpointing
         activation_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS,
         bf16=use_bf16(spec),
         fp16=t.fp16,
@@ -79,7 +86,7 @@ def _arguments(t: Any, checkpoints_dir: Path, world: WorldInfo, spec: FineTuneSp
         logging_first_step=True,
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # checkpoints.CompleteCheckpoints rotates, once the new checkpoint is complete
         save_only_model=False,  # optimizer, scheduler and RNG state are what make resume exact
         eval_strategy=eval_strategy,
         eval_steps=(t.eval_steps or t.logging_steps) if eval_strategy == "steps" else None,
@@ -90,11 +97,29 @@ def _arguments(t: Any, checkpoints_dir: Path, world: WorldInfo, spec: FineTuneSp
         use_cpu=not use_cuda(),
         ddp_backend=backend() if world.distributed else None,
         ddp_find_unused_parameters=False,  # LoRA leaves frozen params without grads by design
-        report_to="none",
+        report_to=trackers or "none",
         disable_tqdm=True,  # pod logs are read line by line
         log_level="warning",  # info dumps whole model configs; our own log says what matters
         log_level_replica="error",
     )
+
+
+TENSORBOARD_DIR = "tensorboard"  # beside metrics.jsonl in the run's output directory
+_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
+
+
+def report_to(spec: FineTuneSpec, output_dir: Path) -> list[str]:
+    """training.report_to, each tracker's package checked (a missing one is a config error naming the field);
+    TensorBoard writes its event files to <output>/tensorboard, beside metrics.jsonl."""
+    trackers = list(dict.fromkeys(spec.training.report_to))
+    for name in trackers:
+        if not any(importlib.util.find_spec(p) for p in _TRACKER_PACKAGES[name]):
+            raise BadConfig("spec.training.report_to", f"{name} is not installed in the trainer image; use an image "
+                                                       f"with it, or remove it from report_to")
+    if "tensorboard" in trackers:
+        # transformers' TensorBoard callback reads its directory from here (default: under the checkpoints).
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / TENSORBOARD_DIR)
+    return trackers
 
 
 class LlamaOpsTrainer(Trainer):

@@ -42,6 +42,10 @@ ENV_HTTP_AUTHORIZATION = "LLAMAOPS_HTTP_AUTHORIZATION"
 # Seconds between rank 0's report patches (default 5): tests of short runs lower it.
 ENV_PROGRESS_INTERVAL = "LLAMAOPS_PROGRESS_INTERVAL"
 PROGRESS_INTERVAL_S = 5.0
+# Seconds from SIGTERM for the workers to finish their step and save a checkpoint (a little less than the
+# pod's terminationGracePeriodSeconds, which the builder sizes from the measured step time); the launcher
+# then kills them, so it can still exit with a contract code before the kubelet's SIGKILL.
+ENV_STOP_TIMEOUT = "LLAMAOPS_STOP_TIMEOUT_SECONDS"
 
 # Trainer exit codes, read by the Job's podFailurePolicy.
 EXIT_OK = 0
@@ -53,7 +57,7 @@ NON_RETRYABLE_EXIT_CODES = (EXIT_BAD_CONFIG, EXIT_BAD_DATA)
 # Layout of a run's output directory.
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
-COMPLETE_MARKER = "COMPLETE"  # written inside ADAPTER_DIR once it is whole
+COMPLETE_MARKER = "COMPLETE"  # written last inside ADAPTER_DIR, and inside each checkpoint, once it is whole
 METRICS_FILE = "metrics.jsonl"
 RUN_INFO_FILE = "llamaops.json"
 

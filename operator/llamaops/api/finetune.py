@@ -154,7 +154,9 @@ class TrainingSpec(SeedModel):
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0, le=1)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations (use_reentrant=False).")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations (use_reentrant=False): less memory, about 1.3-1.4x the step "
+                          "time. Unset: on only when the GPU memory plan needs it to fit (off on the CPU).")
     bf16: bool | None = Field(None, description="bfloat16 mixed precision; unset means on where the GPU supports it.")
     fp16: bool = Field(False, description="float16 mixed precision (GPUs without bf16).")
     seed: int = Field(42, ge=0, le=2**32 - 1)
@@ -165,6 +167,10 @@ class TrainingSpec(SeedModel):
     eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to evaluate on the held-out split.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (defaults to logging_steps).")
     dataloader_num_workers: int = Field(0, ge=0, le=64)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, max_length=3,
+        description="Experiment trackers: tensorboard writes event files beside metrics.jsonl (<output>/tensorboard), "
+                    "mlflow and wandb log to the server their variables name (spec.trackingSecretRef). Empty: none.")
 
 
 # ------------------------------------------------------ Kubernetes-facing sections
@@ -332,6 +338,9 @@ class FineTuneSpec(KubeModel):
     suspend: bool = Field(False, description="Hold the run in the queue (or stop it and keep its checkpoints).")
     hf_token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding a Hugging Face token (HF_TOKEN), for gated models and datasets.")
+    tracking_secret_ref: SecretRef | None = Field(
+        None, description="Secret whose keys become the trainer's environment for training.report_to: "
+                          "WANDB_API_KEY, WANDB_PROJECT, MLFLOW_TRACKING_URI, MLFLOW_TRACKING_TOKEN, ...")
     image: str | None = Field(None, max_length=1024, description="Trainer image override.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     image_pull_secrets: list[SecretRef] | None = Field(None, max_length=16)
@@ -352,6 +361,9 @@ class Progress(KubeModel):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: int | None = None
+    step_seconds: float | None = Field(
+        None, ge=0, description="The slowest optimizer step of the run so far, in seconds: the training pods' "
+                                "termination grace period (to finish a step and checkpoint) is sized from it.")
     display: str | None = Field(None, description="step/totalSteps, for kubectl get.")
     updated_at: Timestamp | None = None
 

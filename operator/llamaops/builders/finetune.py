@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from llamaops.api.contract import (
     ENV_NAMESPACE,
     ENV_REPORT,
     ENV_SPEC,
+    ENV_STOP_TIMEOUT,
     HF_HOME,
     NON_RETRYABLE_EXIT_CODES,
     PVC_ROOT,
@@ -57,8 +59,18 @@ KIND = KIND_FINETUNE
 CONTAINER = COMPONENT_TRAINER
 MASTER_PORT = 29500
 TRAINER_UID = 1000
-# Time for the trainer to write a checkpoint after SIGTERM (Kubernetes' default is 30 s).
+# Time for the trainer to finish its step and write a checkpoint after SIGTERM (Kubernetes' default is 30 s):
+# at least this, more once the run has reported its step time (status.progress.stepSeconds, the slowest step).
 TERMINATION_GRACE_SECONDS = 120
+STEP_MARGIN = 1.5  # the measured step, and half again: steps vary (sequence lengths, a slower node)
+SAVE_SECONDS = 60  # writing and syncing the checkpoint, the last report, the exit
+MAX_TERMINATION_GRACE_SECONDS = 3600  # what a report (written by the pod) can make a node wait for, at most
+# Between the launcher's stop timeout and the kubelet's SIGKILL: the launcher kills what is left and exits
+# with a contract code and a termination message.
+STOP_SLACK_SECONDS = 15
+# The pod's /tmp (staging_limit): at least this, data included; a model the catalog does not know gets the
+# second (its size is unknown here).
+STAGING_MIN_GI, STAGING_DATA_GI, STAGING_UNKNOWN_GI = 20, 10, 100
 # The fixed part of the trainer's environment (`llamaops run --local` sets it too).
 TRAINER_ENV = {"PYTHONUNBUFFERED": "1", "NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
@@ -124,6 +136,41 @@ def _claims(lft: LlamaFineTune) -> dict[str, bool]:
     return claims
 
 
+def termination_grace(lft: LlamaFineTune) -> int:
+    """The pods' terminationGracePeriodSeconds: a step and a save, from the step time the run has reported."""
+    progress = lft.status.progress if lft.status is not None else None
+    step = progress.step_seconds if progress is not None else None
+    if not step:
+        return TERMINATION_GRACE_SECONDS
+    needed = math.ceil(step * STEP_MARGIN + SAVE_SECONDS)
+    return min(MAX_TERMINATION_GRACE_SECONDS, max(TERMINATION_GRACE_SECONDS, needed))
+
+
+def staging_limit(lft: LlamaFineTune) -> str:
+    """sizeLimit of the pod's /tmp: S3 runs stage their checkpoints and adapter there (and every run its
+    downloaded datasets). (save_total_limit + 1) checkpoints, as rotation runs once a new one is whole, each
+    about 12 bytes per trainable parameter (fp32 weights and Adam state), two adapter copies and PiSSA/OLoRA's
+    initial one at 4 bytes, plus room for data: a kubelet evicts a pod that outgrows it."""
+    from llamaops.api import catalog
+    from llamaops.api.memory import lora_parameters
+
+    spec = lft.spec
+    known = catalog.lookup(spec.model.base_model)
+    if known is None:
+        return f"{STAGING_UNKNOWN_GI}Gi"
+    params = lora_parameters(known.arch, spec.lora.exported_rank, spec.lora.target_modules)
+    if spec.lora.modules_to_save and "lm_head" in spec.lora.modules_to_save:
+        params += known.arch.vocab * known.arch.hidden
+    copies = 2 + (1 if spec.lora.init_lora_weights in ("pissa", "olora") else 0)
+    needed = (spec.training.save_total_limit + 1) * params * 12 + copies * params * 4
+    return f"{max(STAGING_MIN_GI, math.ceil(needed / 2**30) + STAGING_DATA_GI)}Gi"
+
+
+def stop_timeout(grace: int) -> int:
+    """$LLAMAOPS_STOP_TIMEOUT_SECONDS: the workers' time to stop, inside the grace period."""
+    return grace - STOP_SLACK_SECONDS
+
+
 def _env(lft: LlamaFineTune, names: Names) -> list[dict[str, Any]]:
     spec = lft.spec
     env: list[dict[str, Any]] = [
@@ -132,6 +179,7 @@ def _env(lft: LlamaFineTune, names: Names) -> list[dict[str, Any]]:
         {"name": ENV_REPORT, "value": names.report},
         {"name": ENV_SPEC, "value": SPEC_PATH},
         {"name": "HF_HOME", "value": HF_HOME},
+        {"name": ENV_STOP_TIMEOUT, "value": str(stop_timeout(termination_grace(lft)))},
         *({"name": k, "value": v} for k, v in TRAINER_ENV.items()),
     ]
     if spec.hf_token_secret_ref is not None:
@@ -202,7 +250,7 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
     volumes: list[dict[str, Any]] = [
         {"name": "spec", "configMap": {"name": names.spec}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": staging_limit(lft)}},
         {"name": "hf-cache", "persistentVolumeClaim": {"claimName": settings.model_cache_pvc}}
         if settings.model_cache_pvc else {"name": "hf-cache", "emptyDir": {}},
     ]
@@ -229,6 +277,8 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
         "command": launch_command(),
         "args": torchrun_args(res.nodes, max(gpus, 1), names.job),
         "env": _env(lft, names),
+        # training.report_to's credentials and server (WANDB_API_KEY, MLFLOW_TRACKING_URI, ...): the whole Secret.
+        **({"envFrom": [{"secretRef": {"name": spec.tracking_secret_ref.name}}]} if spec.tracking_secret_ref else {}),
         "ports": [{"name": "rdzv", "containerPort": MASTER_PORT}],
         "resources": _resources(lft, gpus),
         "volumeMounts": mounts,
@@ -240,7 +290,7 @@ def _pod_spec(lft: LlamaFineTune, names: Names, settings: Settings, placement: P
         "restartPolicy": "Never",
         "serviceAccountName": names.account,
         "subdomain": names.job,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": termination_grace(lft),
         "securityContext": {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID,
                             "fsGroup": TRAINER_UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],

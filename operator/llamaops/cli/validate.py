@@ -78,6 +78,7 @@ def plan_rows(plan: Any) -> dict[str, Any] | None:
     if isinstance(plan, TrainingPlan):
         return {
             "kind": "training", "strategy": plan.strategy, "gpus": plan.gpus,
+            "gradientCheckpointing": plan.gradient_checkpointing,
             "gpuMemoryGB": plan.gpu_memory_gb, "gpuMemoryAssumed": plan.gpu_memory_assumed,
             "components": {k: round(v, 3) for k, v in plan.rows.items()},
             "perGpuGB": round(plan.per_gpu_gb, 3), "budgetGB": round(plan.budget_gb, 3), "fits": plan.fits,
@@ -98,7 +99,8 @@ def _title(plan: dict[str, Any], model: str) -> str:
     gpu = f"{plan['gpuMemoryGB']:.0f} GB GPU" + (" (assumed: unknown product)" if plan["gpuMemoryAssumed"] else "")
     if plan["kind"] == "training":
         how = "sharded (FSDP)" if plan["strategy"] == "fsdp" else "replicated (data parallel)"
-        return f"GPU memory plan: {model}, {plan['gpus']} x {gpu}, {how}"
+        checkpointing = "on" if plan["gradientCheckpointing"] else "off"
+        return f"GPU memory plan: {model}, {plan['gpus']} x {gpu}, {how}, gradient checkpointing {checkpointing}"
     return f"GPU memory plan: {model}, tensor_parallel_size {plan['tensorParallelSize']} x {gpu}"
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from pydantic import ValidationError
+
 from llamaops import status as st
 from llamaops.api import LlamaFineTune
 from llamaops.api.constants import ANNOTATION_PLACEMENT, ANNOTATION_RUN_HASH, FINETUNES
+from llamaops.api.finetune import FineTuneStatus, Progress
 from llamaops.builders.finetune import Names, workload
 from llamaops.handlers.runtime import Runtime
 from llamaops.kube import NotOwned
@@ -33,8 +36,16 @@ def manifest(body: Any, with_status: bool = False) -> dict[str, Any]:
 
 
 def parse(body: Any) -> LlamaFineTune:
-    """The object as our model (status left out: it is ours, and may lag the spec)."""
-    return LlamaFineTune.model_validate(manifest(body))
+    """The object as our model. Of its status only the trainer's last progress is kept (its step time sizes the
+    Job's termination grace period); the rest is ours, and may lag the spec."""
+    lft = LlamaFineTune.model_validate(manifest(body))
+    progress = (body.get("status") or {}).get("progress")
+    if progress:
+        try:
+            lft.status = FineTuneStatus(progress=Progress.model_validate(progress, strict=False))
+        except ValidationError:
+            pass  # written by an operator of another version: the Job gets the default grace period
+    return lft
 
 
 def placement(rt: Runtime, run: RunSnapshot) -> Placement:

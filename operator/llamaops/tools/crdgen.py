@@ -95,6 +95,8 @@ def render() -> dict[str, dict[str, Any]]:
             _col("Queue", ".status.queuePosition", "integer", description="Position in the GPU queue"),
             _col("Progress", ".status.progress.display", description="Optimizer steps done/total"),
             _col("Loss", ".status.progress.loss", "number"),
+            _col("Step-Seconds", ".status.progress.stepSeconds", "number", priority=1,
+                 description="Slowest optimizer step: sizes the pods' termination grace period"),
             _col("Model", ".spec.model.base_model", priority=1),
             _col("Nodes", ".spec.resources.nodes", "integer", priority=1),
             _col("GPUs/Node", ".spec.resources.gpusPerNode", "integer", priority=1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -401,7 +402,8 @@ class PodWorker(threading.Thread):
                     tf.refresh_at = t + dt.timedelta(seconds=10)
 
     def _terminate(self, running: list[Running]) -> None:
-        """SIGTERM each container's process group, SIGKILL what is left after the grace period."""
+        """SIGTERM each container's main process (its PID 1: a runtime signals nothing else), SIGKILL its whole
+        process group after the grace period."""
         live = [r for r in running if r.proc is not None and r.proc.poll() is None]
         if live:
             self.ctx.api.event(self.pod, self.ctx.node, "Normal", "Killing",
@@ -416,7 +418,8 @@ class PodWorker(threading.Thread):
                 if not ok:
                     self.ctx.api.event(self.pod, self.ctx.node, "Warning", "FailedPreStopHook", why)
         for r in live:
-            self._signal(r, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(r.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
         while any(r.proc.poll() is None for r in live) and time.monotonic() < deadline:  # type: ignore[union-attr]
             time.sleep(0.1)
         for r in live:
