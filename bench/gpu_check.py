@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -134,10 +135,11 @@ def nccl_through_launch(device: str) -> str:
         out = subprocess.run([sys.executable, "-m", "llamaops_trainer.launch", "--standalone",
                               f"--nproc-per-node={nproc}", str(script)], capture_output=True, text=True, timeout=240)
         took = time.perf_counter() - t0
-    lines = [line for line in out.stdout.splitlines() if line.startswith("worker")]
-    if out.returncode != 0 or len(lines) != nproc:
-        return f"FAILED (exit {out.returncode}): {out.stderr[-300:]}"
-    return f"{nproc} process(es) through llamaops_trainer.launch in {took:.1f} s: {lines[0].split(': ', 1)[1]}"
+    # The workers share the pipe: their lines may interleave, so count reports rather than lines.
+    reports = re.findall(r"worker \d+: (backend \w+, all_reduce \d+)", out.stdout)
+    if out.returncode != 0 or len(reports) != nproc:
+        return f"FAILED (exit {out.returncode}, {len(reports)} of {nproc} workers): {out.stderr[-300:]}"
+    return f"{nproc} process(es) through llamaops_trainer.launch in {took:.1f} s: {reports[0]}"
 
 
 def main() -> int:
