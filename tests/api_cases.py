@@ -157,7 +157,7 @@ CASES = [
          "spec.adapters[0]", "exactly one"),
     # --- semantic: needs the model catalog and the memory planner
     Case("70b_on_one_24gb_gpu", FT70, (("spec.resources.gpusPerNode", 1), ("spec.resources.gpuProduct", "NVIDIA-L4")),
-         "semantic", "spec.resources.gpusPerNode", "at least 5 GPUs"),
+         "semantic", "spec.resources.gpusPerNode", "at least 7 GPUs"),
     Case("70b_bf16_on_one_h100", FT70, (("spec.quantization.load_in_4bit", False), ("spec.resources.gpusPerNode", 1)),
          "semantic", "spec.resources.gpusPerNode", "at least"),
     Case("seq_beyond_llama3_context", FT8, (("spec.model.base_model", "meta-llama/Meta-Llama-3-8B-Instruct"),

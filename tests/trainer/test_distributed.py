@@ -18,6 +18,7 @@ from llamaops.api.contract import (
     EXIT_RETRYABLE,
     RUN_INFO_FILE,
 )
+from slow_trainer import slow_workers_site
 from trainer_helpers import manifest, run_in_process, write_spec
 
 
@@ -85,25 +86,11 @@ def test_combine_exit_codes() -> None:
     assert combine([0, 75], 1) == 75 and combine([], 1) == 75 and combine([0], 1) == 75
 
 
-# Slows each worker's micro-steps (workers only: torchrun's agent has no LOCAL_RANK) so SIGTERM lands mid-run.
-SLOW_WORKERS = """
-import os
-if os.environ.get("LOCAL_RANK") is not None:
-    import time
-    from llamaops_trainer import training
-    _step = training.LlamaOpsTrainer.training_step
-    def slow(self, *args, **kwargs):
-        time.sleep(0.3)
-        return _step(self, *args, **kwargs)
-    training.LlamaOpsTrainer.training_step = slow
-"""
 
 
 def test_sigterm_to_the_launcher_checkpoints_every_rank_at_one_step(tmp_path: Path,
                                                                      trainer_env: dict[str, str]) -> None:
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SLOW_WORKERS)
+    site = slow_workers_site(tmp_path / "site", 0.3)
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "spec.yaml", manifest(training={"max_steps": 40, "save_steps": 4, "logging_steps": 1}))
     env = {**trainer_env, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PET_NPROC_PER_NODE": "2",

@@ -11,6 +11,7 @@ from api_cases import CASES, EXAMPLES, Case, example
 from llamaops.api import catalog
 from llamaops.api.finetune import LlamaFineTune
 from llamaops.api.memory import plan_training
+from llamaops.builders.serve import validate_manifest
 from llamaops.cli import app
 from typer.testing import CliRunner
 
@@ -140,4 +141,31 @@ def test_gradient_checkpointing_is_on_only_when_the_plan_needs_it() -> None:
     assert forced.gradient_checkpointing is True and forced.rows["activations"] < roomy.rows["activations"]
     out = CliRunner().invoke(app, ["validate", "-f", str(EXAMPLES / "llama-3.1-8b-lora.yaml"), "-o", "json"])
     plan = json.loads(out.stdout)[0]["documents"][0]["memoryPlan"]
-    assert plan["gradientCheckpointing"] is False and plan["fits"]  # the seed's 8B recipe fits 80 GB without
+    # The seed's 8B recipe (4 x 2048 tokens) would keep ~57 GB of activations without it: on, and it fits 80 GB.
+    assert plan["gradientCheckpointing"] is True and plan["fits"] and plan["strategy"] == "ddp"
+
+
+def _qlora70(gpu_gb: int, **training: object):
+    doc = example("llama-3.3-70b-qlora.yaml")
+    doc["spec"]["resources"]["gpuMemoryGB"] = gpu_gb
+    doc["spec"]["training"].update(training)
+    lft = LlamaFineTune.model_validate(doc)
+    return plan_training(lft.spec, catalog.lookup(lft.spec.model.base_model).arch)
+
+
+def test_the_70b_qlora_recipe_counts_fp32_upcasts_and_shards_when_replicas_do_not_fit() -> None:
+    """peft's k-bit preparation upcasts embeddings and lm_head to fp32 (8.4 GB for 70B) and the residual stream
+    follows: replicated, the seed's recipe needs ~69 GB a GPU. On 4 x 48 GB that cannot fit, so the plan (and the
+    trainer, with the same function) shards: no upcast, a quarter of the weights each."""
+    on80 = _qlora70(80)
+    assert on80.strategy == "ddp" and on80.fits and 65 <= on80.per_gpu_gb <= 72, on80.rows
+    on48 = _qlora70(48)
+    assert on48.strategy == "fsdp" and on48.fits and on48.gpus == 4, on48.rows
+    assert on48.rows["weights"] < on80.rows["weights"] / 4  # sharded, and the embeddings stay bf16
+    forced = _qlora70(48, parallelism="ddp")
+    assert forced.strategy == "ddp" and not forced.fits
+    doc = example("llama-3.3-70b-qlora.yaml")
+    doc["spec"]["training"]["parallelism"] = "ddp"
+    doc["spec"]["resources"]["gpuMemoryGB"] = 48
+    result = validate_manifest(doc)
+    assert [p.field for p in result.errors] == ["spec.resources.gpusPerNode"], result.errors

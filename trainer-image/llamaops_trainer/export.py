@@ -66,17 +66,19 @@ def save_initial_adapter(model: Any, path: Path) -> None:
 
 
 def export_adapter(model: Any, tokenizer: Any, output_dir: Path, base_model: str, run_info: dict[str, Any],
-                   convert_from: Path | None = None) -> Path:
+                   convert_from: Path | None = None, state_dict: dict[str, Any] | None = None) -> Path:
     """Saves the LoRA weights (safetensors), tokenizer, chat template and llamaops.json to <output>/adapter.
 
     With `convert_from` (PiSSA/OLoRA) the weights become a plain LoRA of twice the rank that applies to
-    the unmodified base model.
+    the unmodified base model. `state_dict`: the gathered adapter of a sharded (FSDP) model.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / ADAPTER_DIR
     tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}-", dir=output_dir))
     try:
-        extra = {"path_initial_model_for_weight_conversion": str(convert_from)} if convert_from else {}
+        extra: dict[str, Any] = {"path_initial_model_for_weight_conversion": str(convert_from)} if convert_from else {}
+        if state_dict is not None:
+            extra["state_dict"] = state_dict
         model.save_pretrained(str(tmp), safe_serialization=True, **extra)
         tokenizer.save_pretrained(str(tmp))
         if getattr(tokenizer, "chat_template", None) and not (tmp / "chat_template.jinja").exists():

@@ -144,7 +144,9 @@ def _run(args: argparse.Namespace, world: distributed.WorldInfo, stop: Any, stat
     del records
 
     attn = models.pick_attention(spec.model)
-    base = models.load_model(spec, model_path, world, attn)
+    sharded = models.use_fsdp(spec, model_path, world)
+    base = models.load_model(spec, model_path, world, attn, sharded)
+    fsdp_layers = models.decoder_layer_classes(base) if sharded else None
     eva_loader = None
     if spec.lora.init_lora_weights == "eva":
         import torch.utils.data
@@ -173,7 +175,8 @@ def _run(args: argparse.Namespace, world: distributed.WorldInfo, stop: Any, stat
     checkpoints_dir = out / CHECKPOINTS_DIR
     steps = training.planned_steps(spec, len(prepared.train), world)
     targs = training.training_arguments(spec, checkpoints_dir, world, steps, has_eval=bool(prepared.eval),
-                                        gradient_checkpointing=models.use_gradient_checkpointing(spec, model_path))
+                                        gradient_checkpointing=models.use_gradient_checkpointing(spec, model_path),
+                                        fsdp_layers=fsdp_layers)
 
     reporter = None
     if world.is_main and cfg.report and cfg.namespace:
@@ -206,14 +209,18 @@ def _run(args: argparse.Namespace, world: distributed.WorldInfo, stop: Any, stat
         progress.append_record(out / METRICS_FILE, {
             "event": "start", "spec_hash": cfg.spec_hash, "world_size": world.world_size,
             "resume_from": Path(resume).name if resume else None, "planned_steps": steps})
-    log.info("training: %d step(s) planned, attention %s (%s), %s", steps, attn, attention,
+    log.info("training: %d step(s) planned, attention %s (%s), %s, %s", steps, attn, attention,
+             f"sharded (FSDP over {world.world_size})" if sharded else
+             f"replicated (DDP over {world.world_size})" if world.distributed else "one process",
              f"resuming from {resume}" if resume else "starting from step 0")
     result = trainer.train(resume_from_checkpoint=resume)
+    log.info("parameters on this rank: %s", training.shard_summary(trainer.model))
 
     if stop.requested.is_set() and trainer.state.global_step < trainer.state.max_steps:
         raise Interrupted(f"stopped at step {trainer.state.global_step} by a termination signal; "
                           "checkpoint saved, the restart resumes from it")
 
+    adapter_state = trainer.adapter_state_dict()  # under FSDP a collective: every rank gathers
     if world.is_main:
         final_loss = progress_cb.last_record.get("loss")
         run_info = {
@@ -234,11 +241,12 @@ def _run(args: argparse.Namespace, world: distributed.WorldInfo, stop: Any, stat
                 **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
             },
             "world_size": world.world_size,
+            "parallelism": "fsdp" if sharded else "ddp" if world.distributed else "none",
             "attention": attn, "packing": spec.training.packing,
             "wall_seconds": round(time.monotonic() - t0, 1),
         }
         adapter = export.export_adapter(trainer.model, tokenizer, out, spec.model.base_model, run_info,
-                                        convert_from=lora_init)
+                                        convert_from=lora_init, state_dict=adapter_state)
         if cfg.s3_output is not None:
             uri = export.upload_adapter(adapter, cfg.s3_output)
             log.info("adapter uploaded to %s", uri)

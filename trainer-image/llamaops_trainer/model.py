@@ -142,13 +142,9 @@ def quantization_config(q: QuantizationSpec, world: WorldInfo) -> Any:
     )
 
 
-def use_gradient_checkpointing(spec: FineTuneSpec, path: str) -> bool:
-    """The spec's choice, else the memory plan's (llamaops validate shows the same): on only when the run
-    would not fit the GPU without it. A CPU run has no GPU memory to save: off."""
-    if spec.training.gradient_checkpointing is not None:
-        return spec.training.gradient_checkpointing
-    if not use_cuda():
-        return False
+def memory_plan(spec: FineTuneSpec, path: str) -> Any:
+    """The plan `llamaops validate` shows (llamaops.api.memory), for the catalog's architecture or the model's
+    own config: it decides gradient checkpointing and replicated vs sharded."""
     from llamaops.api import catalog
     from llamaops.api.memory import architecture, plan_training
 
@@ -160,10 +156,38 @@ def use_gradient_checkpointing(spec: FineTuneSpec, path: str) -> bool:
         arch = architecture(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
                             c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"],
                             c["vocab_size"], bool(c.get("tie_word_embeddings")))
-    return plan_training(spec, arch).gradient_checkpointing
+    return plan_training(spec, arch)
 
 
-def load_model(spec: FineTuneSpec, path: str, world: WorldInfo, attn: str) -> Any:
+def use_gradient_checkpointing(spec: FineTuneSpec, path: str) -> bool:
+    """The spec's choice, else the memory plan's: on only when the run would not fit the GPU without it.
+    A CPU run has no GPU memory to save: off."""
+    if spec.training.gradient_checkpointing is not None:
+        return spec.training.gradient_checkpointing
+    if not use_cuda():
+        return False
+    return bool(memory_plan(spec, path).gradient_checkpointing)
+
+
+def use_fsdp(spec: FineTuneSpec, path: str, world: WorldInfo) -> bool:
+    """Sharded (FSDP) or replicated (DDP): training.parallelism, else the memory plan's strategy. One process
+    has nothing to shard with; a CPU run has no GPU memory to plan, so auto means replicated there."""
+    if not world.distributed:
+        return False
+    if spec.training.parallelism != "auto":
+        return spec.training.parallelism == "fsdp"
+    return use_cuda() and memory_plan(spec, path).strategy == "fsdp"
+
+
+def decoder_layer_classes(model: Any) -> list[str]:
+    """The classes FSDP wraps one by one (transformers names them in _no_split_modules)."""
+    return list(getattr(model, "_no_split_modules", None) or ["LlamaDecoderLayer"])
+
+
+def load_model(spec: FineTuneSpec, path: str, world: WorldInfo, attn: str, sharded: bool = False) -> Any:
+    """`sharded`: the model will be FSDP-wrapped. A quantized one then skips peft's k-bit preparation, which
+    upcasts every unquantized weight to fp32: FSDP gathers one dtype, and the upcast is the memory the
+    sharded plan does not have (the replicated plan counts it)."""
     from transformers import AutoModelForCausalLM
 
     m, q = spec.model, spec.quantization
@@ -172,21 +196,26 @@ def load_model(spec: FineTuneSpec, path: str, world: WorldInfo, attn: str) -> An
                                   attn_implementation=attn)
     if q.enabled:
         kwargs["quantization_config"] = quantization_config(q, world)
-        # Each rank holds its own copy of the quantized base on its own GPU.
-        kwargs["device_map"] = {"": world.local_rank if use_cuda() else "cpu"}
+        if not sharded:  # each rank holds its own copy of the quantized base on its own GPU
+            kwargs["device_map"] = {"": world.local_rank if use_cuda() else "cpu"}
+    if sharded:
+        # Only local rank 0 reads the weights (into CPU memory); the others build the model on the meta device
+        # and FSDP broadcasts rank 0's shards to them: no GPU ever holds the whole model, no node holds it twice.
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
     model = _load("model", AutoModelForCausalLM.from_pretrained, m.base_model, path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     checkpointing = use_gradient_checkpointing(spec, path)
     log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off",
              "spec.training.gradient_checkpointing" if spec.training.gradient_checkpointing is not None
              else "the memory plan")
-    if q.enabled:
+    if q.enabled and not sharded:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
-    elif checkpointing:
+    elif checkpointing:  # a sharded quantized model, like an unquantized one: its weights stay frozen as loaded
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
         else:

@@ -21,6 +21,7 @@ class Architecture:
     kv_heads: int
     intermediate: int
     vocab: int = 128256
+    tied_embeddings: bool = False  # lm_head shares the embedding matrix (Llama 3.2 1B and 3B)
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class CatalogModel:
 
 
 _ARCH = {
-    "1B": Architecture(1.24, 2048, 16, 32, 8, 8192),
-    "3B": Architecture(3.21, 3072, 28, 24, 8, 8192),
+    "1B": Architecture(1.24, 2048, 16, 32, 8, 8192, tied_embeddings=True),
+    "3B": Architecture(3.21, 3072, 28, 24, 8, 8192, tied_embeddings=True),
     "8B": Architecture(8.03, 4096, 32, 32, 8, 14336),
     "11B": Architecture(10.6, 4096, 40, 32, 8, 14336),  # 3.2 Vision: 8B text + cross-attention
     "70B": Architecture(70.6, 8192, 80, 64, 8, 28672),

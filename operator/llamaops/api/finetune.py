@@ -157,6 +157,10 @@ class TrainingSpec(SeedModel):
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute activations (use_reentrant=False): less memory, about 1.3-1.4x the step "
                           "time. Unset: on only when the GPU memory plan needs it to fit (off on the CPU).")
+    parallelism: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="Several GPUs: ddp replicates the model on each, fsdp shards weights, adapters and "
+                            "optimizer state over all of them (FSDP2, full shard; with 4-bit quantization too). "
+                            "auto: ddp where the memory plan fits one GPU, else fsdp.")
     bf16: bool | None = Field(None, description="bfloat16 mixed precision; unset means on where the GPU supports it.")
     fp16: bool = Field(False, description="float16 mixed precision (GPUs without bf16).")
     seed: int = Field(42, ge=0, le=2**32 - 1)

@@ -1,17 +1,21 @@
 """GPU memory plans for training and serving, in GB (1e9 bytes) as the seed's VRAM table counts.
 
 Weights follow the seed's table: 2 bytes a parameter in FP16/BF16, 1 in INT8,
-0.5 in INT4 (70B: 140 / 70 / 35 GB). Training adds the LoRA parameters with
-their fp32 gradients and optimizer state, activations (with or without
-gradient checkpointing), the logits of the loss and a fixed runtime overhead.
+0.5 in INT4 (70B: 140 / 70 / 35 GB), plus what the trainer really holds
+beside them: 4-bit quantization keeps embeddings and lm_head unquantized, and
+on the replicated path peft's prepare_model_for_kbit_training upcasts them
+(and with them the residual stream and the logits) to fp32. Training adds the
+LoRA parameters with their fp32 gradients and optimizer state, the activations
+(per token and layer, with or without gradient checkpointing; coefficients
+measured on the trainer's own code path, which tests/trainer/test_memory_plan.py
+measures again on the CPU and fails when they drift), the logits of the loss
+and a fixed runtime overhead (the CUDA context).
 
 Gradient checkpointing, unless the spec sets it, is on only when the plan
-needs it: the run fits without it costs nothing, while it costs about 1.3-1.4x
-the step time. The trainer makes the same decision with the same function.
-
-A plan first tries data parallel (every GPU holds the whole model); when the
-model does not fit one GPU it shards weights and LoRA state over all GPUs
-(FSDP) and says how many GPUs that needs.
+needs it: it costs about 1.3-1.4x the step time. Data parallel (every GPU holds
+the whole model) is tried first; when it does not fit, weights, adapters and
+optimizer state are sharded over all GPUs (FSDP), each GPU gathering one layer
+at a time. The trainer takes both decisions from the same function.
 """
 
 from __future__ import annotations
@@ -29,6 +33,17 @@ RUNTIME_OVERHEAD_GB = 2.0
 # fp32 master weight + fp32 gradient + optimizer state, per trainable parameter.
 _STATE_BYTES = {"8bit": 4 + 4 + 2, "sgd": 4 + 4, "adafactor": 4 + 4 + 1}
 _ADAM_STATE_BYTES = 4 + 4 + 8
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Activation bytes per token and layer kept for the backward pass, by bytes of the compute dtype (fp32, or
+# bf16/fp16 under autocast): (per hidden unit, per intermediate unit), plus 8 bytes per head dim and 4 per head
+# (RoPE, softmax statistics). With checkpointing a layer keeps only its input (the residual stream's dtype) and
+# the backward pass recomputes one layer at a time, after the logits' memory is gone.
+_ACTIVATIONS = {4: (26.6, 16.2), 2: (17.1, 10.4)}
+# Logits per token and vocabulary entry at the peak (the loss): the logits, the saved log-softmax and the
+# gradient, as fp32 (a bf16 copy is freed once upcast).
+_LOGITS_BYTES = 12
+# 4-bit blocks of 64 carry an fp32 absmax; double quantization stores it in 8 bits (+ fp32 per 256 blocks).
+_QUANT_CONSTANTS = {False: 4 / 64, True: 1 / 64 + 4 / (64 * 256)}
 
 
 def architecture(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
@@ -37,7 +52,8 @@ def architecture(hidden: int, layers: int, heads: int, kv_heads: int, intermedia
     head_dim = hidden // heads
     per_layer = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * intermediate
     embeddings = vocab * hidden * (1 if tied_embeddings else 2)
-    return Architecture((per_layer * layers + embeddings) / 1e9, hidden, layers, heads, kv_heads, intermediate, vocab)
+    return Architecture((per_layer * layers + embeddings) / 1e9, hidden, layers, heads, kv_heads, intermediate, vocab,
+                        tied_embeddings)
 
 
 def weight_bytes_per_param(load_in_4bit: bool = False, load_in_8bit: bool = False) -> float:
@@ -87,21 +103,47 @@ class TrainingPlan:
 
 
 def plan_training(spec: FineTuneSpec, arch: Architecture) -> TrainingPlan:
-    chosen = spec.training.gradient_checkpointing
-    if chosen is not None:
-        return _plan_training(spec, arch, chosen)
-    without = _plan_training(spec, arch, False)
-    return without if without.fits else _plan_training(spec, arch, True)
+    """The first plan that fits, cheapest first: replicated before sharded (training.parallelism may force
+    either), and within each without gradient checkpointing before with it (unless the spec sets it).
+    Nothing fits: the most frugal plan, which says so."""
+    t = spec.training
+    gpus = max(spec.resources.total_gpus, 1)
+    if t.parallelism != "auto":
+        strategies = [t.parallelism]
+    else:
+        strategies = ["ddp", "fsdp"] if gpus > 1 else ["ddp"]
+    checkpointing = [t.gradient_checkpointing] if t.gradient_checkpointing is not None else [False, True]
+    plan = None
+    for strategy in strategies:
+        for ckpt in checkpointing:
+            plan = _plan_training(spec, arch, strategy, ckpt)
+            if plan.fits:
+                return plan
+    assert plan is not None
+    return plan
 
 
-def _plan_training(spec: FineTuneSpec, arch: Architecture, checkpointing: bool) -> TrainingPlan:
+def _plan_training(spec: FineTuneSpec, arch: Architecture, strategy: str, checkpointing: bool) -> TrainingPlan:
     res, q, t, lora = spec.resources, spec.quantization, spec.training, spec.lora
     gpus = max(res.total_gpus, 1)
     mem = res.gpu_memory_gb or gpu_memory_gb(res.gpu_product)
     assumed = mem is None
     mem = float(mem or DEFAULT_GPU_MEMORY_GB)
+    sharded = strategy == "fsdp"
+    dtype = DTYPE_BYTES[spec.model.torch_dtype]
+    quantized = q.load_in_4bit or q.load_in_8bit
+    # Replicated k-bit training upcasts every unquantized weight to fp32, and the residual stream follows;
+    # sharded QLoRA keeps them in the compute dtype (FSDP needs one dtype to gather).
+    upcast = quantized and not sharded
+    wide = 4 if upcast else dtype
 
-    weights = arch.params_b * 1e9 * weight_bytes_per_param(q.load_in_4bit, q.load_in_8bit) / GB
+    embedding = arch.vocab * arch.hidden * (1 if arch.tied_embeddings else 2)
+    linear = arch.params_b * 1e9 - embedding
+    if q.load_in_4bit:
+        per_linear = 0.5 + _QUANT_CONSTANTS[q.bnb_4bit_use_double_quant]
+    else:
+        per_linear = 1.0 if q.load_in_8bit else dtype
+    weights = (linear * per_linear + embedding * wide) / GB
     trainable = lora_parameters(arch, lora.r, lora.target_modules)
     if lora.modules_to_save and "lm_head" in lora.modules_to_save:
         trainable += arch.vocab * arch.hidden
@@ -109,27 +151,29 @@ def _plan_training(spec: FineTuneSpec, arch: Architecture, checkpointing: bool) 
     lora_state = trainable * state_bytes / GB
 
     tokens = t.per_device_train_batch_size * t.max_seq_length
+    head_dim = arch.hidden // arch.heads
+    c_h, c_i = _ACTIVATIONS[4 if dtype == 4 or upcast else 2]  # the upcast layers keep fp32 copies
+    layer = tokens * (c_h * arch.hidden + c_i * arch.intermediate + 8 * head_dim + 4 * arch.heads)
+    logits = tokens * arch.vocab * _LOGITS_BYTES / GB
     if checkpointing:
-        # one bf16 hidden state kept per layer, plus one layer's recompute working set
-        activations = tokens * arch.hidden * 2 * arch.layers + tokens * (10 * arch.hidden + 4 * arch.intermediate) * 2
+        saved = tokens * wide * arch.hidden * arch.layers
+        activations = (saved + max(0.0, layer - logits * GB)) / GB
     else:
-        activations = tokens * arch.hidden * 34 * arch.layers  # SDPA/flash: no seq^2 term
-    logits = tokens * arch.vocab * 8  # bf16 logits, their fp32 upcast and its gradient
-    fixed = activations / GB + logits / GB + RUNTIME_OVERHEAD_GB
-    sharded = weights + lora_state
+        activations = layer * arch.layers / GB
+    # FSDP gathers one layer's weights at a time, and prefetches the next.
+    gathered = 2 * linear * per_linear / arch.layers / GB if sharded else 0.0
+    fixed = activations + logits + gathered + RUNTIME_OVERHEAD_GB
 
-    def rows(n: int) -> dict[str, float]:
-        return {"weights": weights / n, "lora + optimizer": lora_state / n,
-                "activations": activations / GB, "logits": logits / GB, "runtime": RUNTIME_OVERHEAD_GB}
-
-    plan = TrainingPlan(mem, assumed, gpus, "ddp", checkpointing, rows(1))
-    budget = plan.budget_gb
-    if fixed >= budget:
-        plan.min_gpus = None
-    else:
-        plan.min_gpus = max(1, math.ceil(sharded / (budget - fixed)))
-    if not plan.fits and gpus > 1:
-        plan.strategy, plan.rows = "fsdp", rows(gpus)
+    n = gpus if sharded else 1
+    rows = {"weights": weights / n, "lora + optimizer": lora_state / n, "activations": activations,
+            "logits": logits, "runtime": RUNTIME_OVERHEAD_GB}
+    if sharded:
+        rows["fsdp gather"] = gathered
+    plan = TrainingPlan(mem, assumed, gpus, strategy, checkpointing, rows)
+    if not sharded:  # replicated: one GPU each if it fits, else what the same run needs sharded
+        plan.min_gpus = 1 if plan.fits else _plan_training(spec, arch, "fsdp", checkpointing).min_gpus
+    elif fixed < plan.budget_gb:
+        plan.min_gpus = max(1, math.ceil((weights + lora_state) / (plan.budget_gb - fixed)))
     return plan
 
 

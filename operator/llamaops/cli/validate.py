@@ -111,7 +111,8 @@ def plan_table(plan: dict[str, Any], model: str) -> Any:
     table.add_column("per GPU")
     table.add_column("GB", justify="right")
     labels = {"weights": "weights", "lora + optimizer": "adapters + gradients + optimizer (fp32)",
-              "activations": "activations", "logits": "logits (loss)", "runtime": "CUDA context / runtime"}
+              "activations": "activations", "logits": "logits (loss)", "runtime": "CUDA context / runtime",
+              "fsdp gather": "FSDP: one layer gathered whole (+ the next, prefetched)"}
     for name, gb in plan["components"].items():
         table.add_row(labels.get(name, name), f"{gb:.2f}")
     verdict = "[green]fits[/]" if plan["fits"] else "[red]does not fit[/]"
