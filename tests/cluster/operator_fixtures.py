@@ -7,6 +7,7 @@ whether a run succeeds, fails with a trainer exit code, or crashes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -28,10 +29,21 @@ REPO = Path(__file__).resolve().parents[2]
 CRDS = ("llamafinetunes.llamaops.io", "llamaserves.llamaops.io")
 
 
+# Below Linux's default ephemeral range (32768-60999): a port the kernel hands to outgoing connections can be
+# taken between this check and the operator's bind (operators start in parallel here, and every one connects).
+_PORTS = itertools.count(20000 + os.getpid() % 8000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, outside the ephemeral range, never handed out twice by this process."""
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("unreachable")
 
 
 def install_crds(kubectl, source: Path = REPO / "crds") -> None:
