@@ -86,8 +86,9 @@ def make_spec(max_len: int, batch: int, steps: int, dtype: str, lora: dict[str, 
     })
 
 
-def run_ours(base: Any, tokenizer: Any, prepared: data.PreparedData, spec: FineTuneSpec, warmup: int,
-             steps: int, attn: str, workdir: Path) -> Stopwatch:
+def train_ours(base: Any, tokenizer: Any, prepared: data.PreparedData, spec: FineTuneSpec, attn: str,
+               workdir: Path, callback: TrainerCallback) -> training.LlamaOpsTrainer:
+    """Our trainer's path on an in-memory model: LoRA, packed sequences, our collator and TrainingArguments."""
     if spec.training.gradient_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=models.GRADIENT_CHECKPOINTING_KWARGS)
         base.enable_input_require_grads()
@@ -95,12 +96,12 @@ def run_ours(base: Any, tokenizer: Any, prepared: data.PreparedData, spec: FineT
     attention = "flat" if attn == "flash_attention_2" else "block"
     collator = data.Collator(tokenizer.pad_token_id, attention, models.DTYPES[spec.model.torch_dtype]
                              if attn == "eager" else None, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    args = training.training_arguments(spec, workdir / "ours", WorldInfo(), warmup + steps, has_eval=False)
-    watch = Stopwatch(warmup, steps)
+    args = training.training_arguments(spec, workdir / "ours", WorldInfo(), max(spec.training.max_steps, 0),
+                                       has_eval=False)
     trainer = training.LlamaOpsTrainer(model=peft_model, args=args, data_collator=collator,
-                                       train_dataset=data.SequenceDataset(prepared.train), callbacks=[watch])
+                                       train_dataset=data.SequenceDataset(prepared.train), callbacks=[callback])
     trainer.train()
-    return watch
+    return trainer
 
 
 class Timed(TrainerCallback):
@@ -260,13 +261,8 @@ def cpu_mode(args: argparse.Namespace) -> None:
 
 def _ours_epoch(base: Any, tokenizer: Any, prepared: data.PreparedData, spec: FineTuneSpec,
                 workdir: Path) -> tuple[Any, float, int]:
-    peft_model = models.apply_lora(base, spec)
-    collator = data.Collator(tokenizer.pad_token_id, "block")
-    args = training.training_arguments(spec, workdir / "ours", WorldInfo(), 0, has_eval=False)
     timer = Timed()
-    trainer = training.LlamaOpsTrainer(model=peft_model, args=args, data_collator=collator,
-                                       train_dataset=data.SequenceDataset(prepared.train), callbacks=[timer])
-    trainer.train()
+    trainer = train_ours(base, tokenizer, prepared, spec, "sdpa", workdir, timer)
     return trainer.model, timer.seconds, trainer.state.num_input_tokens_seen
 
 
@@ -315,7 +311,8 @@ def gpu_mode(args: argparse.Namespace, dims: dict[str, int] = LLAMA_8B, device: 
     base.config.use_cache = False
     params = sum(p.numel() for p in base.parameters())
     with tempfile.TemporaryDirectory() as tmp:
-        w = run_ours(base, tokenizer, prepared, spec, args.warmup, args.steps, attn, Path(tmp))
+        w = Stopwatch(args.warmup, args.steps)
+        train_ours(base, tokenizer, prepared, spec, attn, Path(tmp), w)
     tps = w.tokens_per_second
     mfu = tps * 4 * params / H100_BF16_DENSE_FLOPS
     on_gpu = device == "cuda"

@@ -56,10 +56,6 @@ def architecture(hidden: int, layers: int, heads: int, kv_heads: int, intermedia
                         tied_embeddings)
 
 
-def weight_bytes_per_param(load_in_4bit: bool = False, load_in_8bit: bool = False) -> float:
-    return 0.5 if load_in_4bit else 1.0 if load_in_8bit else 2.0
-
-
 def _module_shapes(arch: Architecture) -> dict[str, tuple[int, int]]:
     head_dim = arch.hidden // arch.heads
     kv = arch.kv_heads * head_dim
