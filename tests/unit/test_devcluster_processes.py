@@ -44,7 +44,9 @@ def test_start_writes_pid_file_and_log_in_own_group(tmp_path):
     try:
         assert processes.read_pid(tmp_path / "run" / "worker.pid") == proc.pid
         assert os.getpgid(proc.pid) == proc.pid != os.getpgid(0)
-        wait_for(lambda: "hello from the worker" in (tmp_path / "logs" / "worker.log").read_text())
+        # The worker's own line, not the log's header (which quotes the command): until sh has run, the exec may
+        # still be under way and /proc/<pid>/cmdline empty.
+        wait_for(lambda: "hello from the worker" in (tmp_path / "logs" / "worker.log").read_text().splitlines())
         assert processes.is_running(proc.pid, "sh")
         # A live pid running another program is not ours.
         assert not processes.is_running(proc.pid, "etcd")
